@@ -1,0 +1,105 @@
+"""QLoRA Studio: `python app.py` (or `make run`) serves the app on http://127.0.0.1:7860.
+
+Thin on purpose: parse flags, build the UI, launch. Everything else is in qlora_ui/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="QLoRA Studio: fine-tune 4-bit models with LoRA in the browser.")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1: this machine only).")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="Create a public Gradio link (requires --auth/--auth-file).")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="Require this login.")
+    p.add_argument("--auth-file", default=None, help="File with one USER:PASS per line.")
+    p.add_argument("--runs-dir", default="runs", help="Folder holding the run folders (default ./runs).")
+    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="Folder whose model subfolders the app may load (repeatable). Default ./models.")
+    p.add_argument("--max-file-size", default="200mb", help="Upload cap, e.g. 200mb or 1gb.")
+    p.add_argument("--preset", default="cpu-quickstart", help="Preset the form opens with.")
+    return p.parse_args(argv)
+
+
+def read_auth(args) -> list[tuple[str, str]] | None:
+    pairs = []
+    if args.auth:
+        pairs.append(args.auth)
+    if args.auth_file:
+        pairs += [line.strip() for line in Path(args.auth_file).read_text(encoding="utf-8").splitlines()
+                  if line.strip() and not line.startswith("#")]
+    out = []
+    for pair in pairs:
+        user, sep, pw = pair.partition(":")
+        if not sep or not user or not pw:
+            raise SystemExit("error: auth must be USER:PASS (one per line in --auth-file).")
+        out.append((user, pw))
+    return out or None
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(args, auth) -> str | None:
+    """Anyone who can reach the app can train and read its files: refuse exposure without a login."""
+    if args.share and not auth:
+        return ("--share publishes this app on a public gradio.live link. Add --auth USER:PASS (or --auth-file) so "
+                "strangers cannot use it.")
+    if not is_loopback(args.host) and not auth:
+        return (f"--host {args.host} makes this app reachable from other machines. Add --auth USER:PASS "
+                "(or --auth-file), or keep the default --host 127.0.0.1.")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    auth = read_auth(args)
+    problem = check_exposure(args, auth)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from qlora_ui.studio import Studio
+    from qlora_ui.ui.app import CSS, build_app
+
+    roots = args.model_root or ["models"]
+    studio = Studio(args.runs_dir, model_roots=roots)
+    demo = build_app(studio, preset=args.preset)
+    demo.queue(default_concurrency_limit=4)
+    launch = dict(server_name=args.host, server_port=args.port, auth=auth, max_file_size=args.max_file_size,
+                  css=CSS, show_error=True, auth_message="QLoRA Studio: sign in." if auth else None,
+                  allowed_paths=[str(Path("presets/data").resolve())], prevent_thread_lock=True)
+    # Gradio catches a failed tunnel itself and keeps serving locally; we only make the outcome plain.
+    demo.launch(share=args.share, **launch)
+    print(f"QLoRA Studio on {demo.local_url}", flush=True)
+    if args.share:
+        if demo.share_url:
+            print(f"Public link (login required): {demo.share_url}", flush=True)
+        else:
+            print("Could not create the public share link: this machine cannot reach the Gradio tunnel service. "
+                  f"The app keeps serving locally on {demo.local_url}.", file=sys.stderr, flush=True)
+    demo.block_thread()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Streaming generation with the base model or a trained adapter, from one loaded 4-bit base.
+
+The chat model is its own instance and is never trained: on CPU, bitsandbytes repacks 4-bit weights
+for inference on the first no-grad generate(), after which LoRA gradients silently come back None.
+`mark_generated` tags every model that generated; `modeling.prepare_for_training` refuses such a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelConfig, QuantConfig, RunConfig
+
+log = logging.getLogger(__name__)
+
+GENERATED_FLAG = "_qlora_studio_generated"
+
+
+def mark_generated(model) -> None:
+    setattr(model, GENERATED_FLAG, True)
+
+
+@dataclass
+class GenerationSettings:
+    system_prompt: str = ""
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    seed: int = 0
+
+
+def adapter_choices(run_dir: Path) -> list[Path]:
+    """The run's final adapter plus each checkpoint's (PEFT saves an adapter in every checkpoint)."""
+    from .runs import RunDir
+
+    run = RunDir(Path(run_dir))
+    out = [run.adapter_dir] if run.has_adapter() else []
+    out += [c for c in reversed(run.checkpoints()) if (c / "adapter_config.json").is_file()]
+    return out
+
+
+class ChatEngine:
+    """One loaded 4-bit base with adapters switched on and off. Generation is serialised by a lock."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.key: tuple | None = None
+        self.model = None  # PeftModel once an adapter is loaded, else the base
+        self.tokenizer = None
+        self.adapters: dict[str, str] = {}  # adapter name -> path
+
+    def _ensure_base(self, m: ModelConfig, q: QuantConfig) -> None:
+        from .modeling import load_base_model, load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(m)
+        key = (path, q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype)
+        if key == self.key:
+            return
+        log.info("loading chat base %s", path)
+        self.tokenizer = load_tokenizer(path, m)
+        model = load_base_model(path, m, q)
+        model.config.use_cache = True
+        model.eval()
+        self.model, self.key, self.adapters = model, key, {}
+
+    def load(self, cfg: RunConfig, adapter_path: str | Path | None = None) -> str | None:
+        """Make sure the base of `cfg` is loaded and the adapter (if any) attached; returns the adapter name."""
+        with self.lock:
+            self._ensure_base(cfg.model, cfg.quantization)
+            if adapter_path is None:
+                return None
+            adapter_path = str(Path(adapter_path).resolve())
+            for name, p in self.adapters.items():
+                if p == adapter_path:
+                    return name
+            from peft import PeftModel
+
+            name = f"a{len(self.adapters)}"
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, adapter_path, adapter_name=name)
+            else:
+                self.model.load_adapter(adapter_path, adapter_name=name)
+            self.model.eval()
+            self.adapters[name] = adapter_path
+            return name
+
+    def _prompt_ids(self, messages: list[dict], settings: GenerationSettings):
+        msgs = list(messages)
+        if settings.system_prompt and not any(m["role"] == "system" for m in msgs):
+            msgs = [{"role": "system", "content": settings.system_prompt}] + msgs
+        from .data import render_chat  # the same rendering (and fallback template) as training
+
+        text = render_chat(self.tokenizer, msgs, add_generation_prompt=True)
+        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+
+    def stream(self, messages: list[dict], settings: GenerationSettings, adapter: str | None) -> Iterator[str]:
+        """Yield the reply text as it grows. `adapter=None` generates with the adapters switched off."""
+        import contextlib
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        with self.lock:
+            model, tok = self.model, self.tokenizer
+            inputs = self._prompt_ids(messages, settings)
+            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=300)
+            kwargs = dict(**inputs, streamer=streamer, max_new_tokens=int(settings.max_new_tokens),
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            if settings.temperature > 0:
+                kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            has_peft = hasattr(model, "disable_adapter")
+            if has_peft and adapter is not None:
+                model.set_adapter(adapter)
+            ctx = model.disable_adapter() if (has_peft and adapter is None) else contextlib.nullcontext()
+            error: list[BaseException] = []
+
+            def work():
+                try:
+                    with ctx, torch.no_grad():
+                        torch.manual_seed(int(settings.seed))
+                        model.generate(**kwargs)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+                    error.append(e)
+                    streamer.end()
+
+            mark_generated(model)
+            t = threading.Thread(target=work, daemon=True)
+            t.start()
+            text = ""
+            for piece in streamer:
+                text += piece
+                yield text
+            t.join()
+            if error:
+                raise error[0]
+
+    def reply(self, messages: list[dict], settings: GenerationSettings, adapter: str | None) -> str:
+        text = ""
+        for text in self.stream(messages, settings, adapter):
+            pass
+        return text.strip()

@@ -1,0 +1,236 @@
+"""`python -m qlora_ui <command>`: train, runs, chat, check-data, plan.
+
+User errors (bad settings, bad files, missing models) print one readable paragraph and exit with code 2;
+they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, add_cli_flags, apply_cli_flags, list_presets, load_preset
+
+USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .modeling import ModelError
+
+    errs: list[type[BaseException]] = [ConfigError, ModelError]
+    try:
+        from .data import DataError
+
+        errs.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return USER_ERROR
+
+
+# ---- train ----
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="Fine-tune with QLoRA (a preset plus any field as a flag).",
+                       description="Train a LoRA adapter on a 4-bit base. Every config field is a flag, applied "
+                                   "over the preset.")
+    p.add_argument("--preset", default=None, help=f"Preset to start from: {', '.join(list_presets())}.")
+    p.add_argument("--config", default=None, help="A config YAML (e.g. a run's config.yaml) to start from.")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="Continue a run from its last checkpoint (metrics continue at that step).")
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    add_cli_flags(p)
+    p.set_defaults(func=train_main)
+
+
+def build_config(args) -> RunConfig:
+    from .config import load_yaml
+
+    cfg = RunConfig()
+    if args.preset:
+        cfg = load_preset(args.preset)
+    if args.config:
+        cfg = load_yaml(args.config, base=cfg)
+    return apply_cli_flags(cfg, args).validate(need_data=True)
+
+
+def train_main(args) -> int:
+    from .runs import open_run
+    from .training import TrainingJob
+
+    if args.resume:
+        run = open_run(args.resume)
+        if run.state == "running":
+            return fail(f"run {run.name} is still running in another process (pid "
+                        f"{run.read_status().get('pid')}). Stop it first.")
+        job = TrainingJob(run=run, resume=True)
+    else:
+        job = TrainingJob(build_config(args))
+    print(f"run folder: {job.run.path}", file=sys.stderr)
+    bar = None if args.quiet else _ProgressBar()
+    if bar:
+        job.listener = bar
+    try:
+        state = job.run_blocking()
+    except KeyboardInterrupt:
+        # Ctrl-C: the run is marked failed by the job; the last checkpoint stays resumable.
+        return fail(f"interrupted; resume with: python -m qlora_ui train --resume {job.run.path}")
+    finally:
+        if bar:
+            bar.close()
+    if state == "failed":
+        if isinstance(job.error, _user_errors()):
+            return fail(str(job.error))
+        print(f"training failed: {job.error_message}", file=sys.stderr)
+        return 1
+    print(f"{state}: adapter in {job.run.adapter_dir}", file=sys.stderr)
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar with loss and ETA, fed by the job's metrics events."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event: str, row: dict) -> None:
+        from tqdm.auto import tqdm
+
+        if event == "status":
+            if self.bar is None:
+                print(f"[{row.get('message')}]", file=sys.stderr)
+            return
+        if event != "metrics":
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=row.get("max_steps"), desc="train", unit="step", dynamic_ncols=True)
+        self.bar.n = row["step"]
+        post = {}
+        if row.get("loss") is not None:
+            post["loss"] = f"{row['loss']:.4f}"
+        if row.get("eval_loss") is not None:
+            post["eval_loss"] = f"{row['eval_loss']:.4f}"
+            self.bar.write(f"step {row['step']}: eval_loss {row['eval_loss']:.4f}")
+        if row.get("tokens_per_s"):
+            post["tok/s"] = f"{row['tokens_per_s']:.0f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- runs ----
+
+def add_runs_parser(sub) -> None:
+    p = sub.add_parser("runs", help="List run folders.")
+    p.add_argument("--runs-dir", default="runs")
+    p.set_defaults(func=runs_main)
+
+
+def runs_main(args) -> int:
+    from .runs import list_runs
+
+    runs = list_runs(args.runs_dir)
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    print(f"{'run':40} {'status':11} {'step':>9} {'loss':>8} {'eval':>8}  model")
+    for r in runs:
+        s = r.summary()
+        step = f"{s['step']}/{s['max_steps'] or '?'}"
+        loss = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-"
+        ev = f"{s['eval_loss']:.4f}" if s["eval_loss"] is not None else "-"
+        print(f"{s['name']:40} {s['status']:11} {step:>9} {loss:>8} {ev:>8}  {s['model']}")
+    return 0
+
+
+# ---- chat ----
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="One-shot generation with a run's adapter (or the base).")
+    p.add_argument("--run", default=None, help="Run folder whose adapter to use.")
+    p.add_argument("--adapter", default=None, help="An adapter folder (default: the run's adapter/).")
+    p.add_argument("--model", default=None, help="Base model when no run is given (default: bundled).")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default="")
+    p.add_argument("--base-only", action="store_true", help="Switch the adapter off: the base model's answer.")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=chat_main)
+
+
+def chat_main(args) -> int:
+    from .chat import ChatEngine, GenerationSettings
+    from .runs import open_run
+
+    if args.run:
+        run = open_run(args.run)
+        cfg = run.config()
+        adapter = Path(args.adapter) if args.adapter else run.adapter_dir
+        if not args.base_only and not (adapter / "adapter_config.json").is_file():
+            return fail(f"{adapter} holds no adapter yet (the run saves one when it stops or finishes). "
+                        "Use --adapter CHECKPOINT_DIR or --base-only.")
+    else:
+        cfg = RunConfig()
+        if args.model:
+            cfg = cfg.updated(base_model=args.model)
+        adapter = Path(args.adapter) if args.adapter else None
+    engine = ChatEngine()
+    name = engine.load(cfg, None if args.base_only else adapter)
+    settings = GenerationSettings(system_prompt=args.system, temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_new_tokens, seed=args.seed)
+    print(engine.reply([{"role": "user", "content": args.prompt}], settings, name))
+    return 0
+
+
+# ---- main ----
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qlora_ui", description="QLoRA Studio: 4-bit LoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_runs_parser(sub)
+    add_chat_parser(sub)
+    try:
+        from .data import add_check_data_parser
+
+        add_check_data_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from .memory import add_plan_parser
+
+        add_plan_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    # Library deprecation chatter hides the progress bar; real problems are logged by the engine.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # The engine logs INFO into each run's train.log; the terminal shows warnings and the progress bar.
+    for h in logging.getLogger().handlers:
+        h.setLevel(logging.WARNING)
+    logging.getLogger("qlora_ui").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        return fail(str(e))

@@ -1,0 +1,418 @@
+"""The typed run config: one source for the UI form, the CLI flags and the YAML presets.
+
+Every field carries its help text and limits in `metadata`, so the Gradio form (sliders with these
+bounds), `python -m qlora_ui train --<field-name>` and the presets are all generated from here.
+Field names are unique across sections so that each maps to exactly one CLI flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+DATA_FORMATS = ("auto", "alpaca", "dolly", "sharegpt", "messages", "prompt_completion", "text", "guanaco")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported at once (one line per problem)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(f"- {p}" for p in self.problems))
+
+
+def fld(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+        step: float | None = None, log: bool = False, ui: bool = True, factory: Any = None):
+    """A dataclass field with the metadata the form, the CLI and validation read."""
+    meta = {"help": help, "min": min, "max": max, "step": step, "log": log, "ui": ui}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = fld(BUNDLED_MODEL, "Base model: the bundled SmolLM2-135M-Instruct, a local Hugging Face "
+                          "folder, or a hub id (needs internet).")
+    revision: str | None = fld(None, "Hub revision (branch, tag or commit) when base_model is a hub id.")
+    trust_remote_code: bool = fld(False, "Run Python code shipped with the model. Only for models you trust.")
+    allow_pickle: bool = fld(False, "Allow loading pickle `.bin` weights (can run arbitrary code). "
+                             "Safetensors are used whenever present.")
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = fld(True, "Quantize the frozen base to 4 bits (QLoRA). Off = 16-bit LoRA.")
+    quant_type: Literal["nf4", "fp4"] = fld("nf4", "4-bit data type. NF4 is information-theoretically optimal "
+                                             "for normally distributed weights (QLoRA paper, sec. 3).")
+    double_quant: bool = fld(True, "Quantize the quantization constants too: saves ~0.37 bits/parameter.")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = fld("bf16", "Dtype the 4-bit weights are dequantized to "
+                                                         "for each matmul; also the LoRA adapter dtype.")
+
+
+@dataclass
+class LoraConfig:
+    lora_r: int = fld(16, "LoRA rank: size of the low-rank update. Higher = more capacity, more memory.",
+                      min=1, max=256, step=1)
+    lora_alpha: int = fld(32, "LoRA alpha: the update is scaled by alpha / rank.", min=1, max=512, step=1)
+    lora_dropout: float = fld(0.05, "Dropout on the LoRA input.", min=0.0, max=0.5, step=0.01)
+    target_modules: str = fld("all-linear", "Layers that get adapters: 'all-linear' (every linear layer but "
+                              "lm_head, as in the paper) or a comma-separated list like 'q_proj,v_proj'.")
+
+
+@dataclass
+class DataConfig:
+    data_path: str = fld("", "Dataset file: CSV, JSON, JSONL, Parquet or TXT.")
+    data_format: Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "prompt_completion", "text",
+                         "guanaco"] = fld("auto", "Dataset format; 'auto' detects it from the columns.")
+    column_map: dict[str, str] = fld(None, "Rename columns before detection, e.g. {'question': 'instruction', "
+                                     "'answer': 'output'}.", factory=dict, ui=False)
+    max_length: int = fld(512, "Longest example in tokens; longer rows are dropped (not truncated).",
+                          min=16, max=32768, step=16)
+    eval_fraction: float = fld(0.05, "Share of rows held out for eval loss (0 = no eval).", min=0.0, max=0.5,
+                               step=0.01)
+    train_on_source: bool = fld(False, "Also train on the prompt tokens. Off = train on responses only, "
+                                "like the paper's train_on_source=False.")
+    system_prompt: str = fld("", "System prompt added to every example that has none (empty = none).")
+    max_rows: int = fld(0, "Use at most this many rows (0 = all).", min=0, max=10_000_000, step=1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = fld(1.0, "Passes over the data (ignored when max_steps > 0).", min=0.01, max=100, step=0.1)
+    max_steps: int = fld(0, "Stop after this many optimizer steps (0 = run the epochs).", min=0, max=1_000_000,
+                         step=1)
+    batch_size: int = fld(4, "Examples per device step.", min=1, max=512, step=1)
+    grad_accum: int = fld(1, "Gradient accumulation steps: effective batch = batch_size x grad_accum.",
+                          min=1, max=512, step=1)
+    learning_rate: float = fld(2e-4, "Peak learning rate.", min=1e-7, max=1e-2, log=True)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = fld(
+        "constant_with_warmup", "Learning-rate schedule (the paper uses constant).")
+    warmup_ratio: float = fld(0.03, "Share of steps spent warming the learning rate up.", min=0.0, max=0.5,
+                              step=0.01)
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"] = fld(
+        "paged_adamw_32bit", "Optimizer. Paged optimizers move state to CPU RAM on GPU memory spikes.")
+    weight_decay: float = fld(0.0, "AdamW weight decay.", min=0.0, max=1.0, step=0.01)
+    max_grad_norm: float = fld(0.3, "Clip gradients to this norm (the paper uses 0.3).", min=0.0, max=100.0,
+                               step=0.05)
+    gradient_checkpointing: bool = fld(True, "Recompute activations in backward: far less memory, ~30% slower.")
+    group_by_length: bool = fld(True, "Batch examples of similar length together: less padding, faster.")
+    seed: int = fld(42, "Random seed for data order, LoRA init and dropout.", min=0, max=2**31 - 1, step=1)
+    logging_steps: int = fld(1, "Log metrics every N steps.", min=1, max=10_000, step=1)
+    eval_steps: int = fld(20, "Compute eval loss every N steps (0 = only at the end).", min=0, max=100_000,
+                          step=1)
+    save_steps: int = fld(20, "Save a resumable checkpoint every N steps.", min=1, max=100_000, step=1)
+    save_total_limit: int = fld(3, "Keep at most this many checkpoints.", min=1, max=1000, step=1)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "quantization": QuantConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "training": TrainConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    name: str = fld("run", "Run name; the run folder is runs/<timestamp>-<name>.")
+    runs_dir: str = fld("runs", "Folder that holds the run folders.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- flat access: each leaf field has one unique name (= its CLI flag) ----
+    def flat(self) -> dict[str, Any]:
+        out = {"name": self.name, "runs_dir": self.runs_dir}
+        for sec in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, sec)))
+        return out
+
+    def set(self, key: str, value: Any) -> None:
+        sec, f = FIELD_INDEX[key]
+        setattr(self if sec is None else getattr(self, sec), key, value)
+
+    def get(self, key: str) -> Any:
+        sec, _ = FIELD_INDEX[key]
+        return getattr(self if sec is None else getattr(self, sec), key)
+
+    def updated(self, **values: Any) -> RunConfig:
+        """A copy with the given flat fields replaced (values are coerced to the field types)."""
+        new = from_dict(to_dict(self))
+        problems = []
+        for k, v in values.items():
+            if k not in FIELD_INDEX:
+                problems.append(f"unknown setting '{k}'")
+                continue
+            try:
+                new.set(k, coerce(FIELD_INDEX[k][1], v))
+            except ValueError as e:
+                problems.append(f"{k}: {e}")
+        if problems:
+            raise ConfigError(problems)
+        return new
+
+    def validate(self, *, need_data: bool = False) -> RunConfig:
+        problems = validate_fields(self)
+        t, d, q, lo = self.training, self.data, self.quantization, self.lora
+        if need_data and not d.data_path:
+            problems.append("data_path: no dataset given. Pass --data FILE (CSV, JSON, JSONL, Parquet or TXT).")
+        if q.compute_dtype == "fp16" and not q.load_in_4bit:
+            problems.append("compute_dtype fp16 without 4-bit loading trains in pure fp16, which overflows: "
+                            "use bf16 or fp32.")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.name or ""):
+            problems.append(f"name '{self.name}': use 1-64 letters, digits, '.', '_' or '-'.")
+        if lo.target_modules.strip() != "all-linear" and not all(
+                re.fullmatch(r"[A-Za-z0-9_.]+", m.strip()) for m in lo.target_modules.split(",")):
+            problems.append("target_modules: give 'all-linear' or comma-separated layer names like q_proj,v_proj.")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def _field_index() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    idx: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for f in fields(RunConfig):
+        if f.name not in SECTIONS:
+            idx[f.name] = (None, f)
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f.name not in idx, f"duplicate config field {f.name}"
+            idx[f.name] = (sec, f)
+    return idx
+
+
+def field_type(f: dataclasses.Field) -> Any:
+    """The resolved annotation (annotations are strings under `from __future__ import annotations`)."""
+    return _TYPES[f.name]
+
+
+def choices(f: dataclasses.Field) -> tuple | None:
+    t = field_type(f)
+    return get_args(t) if get_origin(t) is Literal else None
+
+
+def coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn a CLI string / form value / YAML scalar into the field's type, or raise ValueError."""
+    t = field_type(f)
+    if value is None:
+        if f.default is None:
+            return None
+        raise ValueError("a value is required")
+    if get_origin(t) is Literal:
+        v = str(value)
+        if v not in get_args(t):
+            raise ValueError(f"'{v}' is not one of {', '.join(get_args(t))}")
+        return v
+    base = t
+    if get_origin(t) is not None and type(None) in get_args(t):  # X | None
+        base = next(a for a in get_args(t) if a is not type(None))
+        if value == "" or str(value).lower() == "none":
+            return None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in ("1", "true", "yes", "on"):
+            return True
+        if s in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"'{value}' is not true/false")
+    if base is int:
+        if isinstance(value, bool):
+            raise ValueError("expected a whole number")
+        try:
+            fv = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"'{value}' is not a whole number") from None
+        if not math.isfinite(fv) or fv != int(fv):
+            raise ValueError(f"'{value}' is not a whole number")
+        return int(fv)
+    if base is float:
+        try:
+            fv = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"'{value}' is not a number") from None
+        if not math.isfinite(fv):
+            raise ValueError(f"'{value}' is not a finite number")
+        return fv
+    if get_origin(base) is dict or base is dict:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        s = str(value).strip()
+        if not s:
+            return {}
+        parsed = yaml.safe_load(s) if s.startswith("{") else dict(
+            part.split("=", 1) for part in s.split(",") if "=" in part)
+        if not isinstance(parsed, dict):
+            raise ValueError("expected a mapping like question=instruction,answer=output")
+        return {str(k): str(v) for k, v in parsed.items()}
+    return str(value)
+
+
+def validate_fields(cfg: RunConfig) -> list[str]:
+    problems = []
+    for key, (_, f) in FIELD_INDEX.items():
+        v = cfg.get(key)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        ch = choices(f)
+        if ch is not None and v not in ch:
+            problems.append(f"{key}: '{v}' is not one of {', '.join(map(str, ch))}.")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{key}: {v} is not a finite number.")
+            elif lo is not None and v < lo or hi is not None and v > hi:
+                problems.append(f"{key}: {v} is outside the allowed range {_fmt(lo)}..{_fmt(hi)} "
+                                f"({f.metadata['help']})")
+    return problems
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else (f"{x:g}")
+
+
+# ---- YAML / dict ----
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any] | None, base: RunConfig | None = None) -> RunConfig:
+    """Build a config from a nested dict (YAML shape). Unknown keys and bad values are collected, then raised."""
+    cfg = from_dict(to_dict(base)) if base is not None else RunConfig()
+    problems = []
+    for key, value in (d or {}).items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"section '{key}' must be a mapping")
+                continue
+            for k, v in value.items():
+                if k not in FIELD_INDEX or FIELD_INDEX[k][0] != key:
+                    problems.append(f"unknown setting '{key}.{k}'")
+                    continue
+                try:
+                    cfg.set(k, coerce(FIELD_INDEX[k][1], v))
+                except ValueError as e:
+                    problems.append(f"{key}.{k}: {e}")
+        elif key in FIELD_INDEX and FIELD_INDEX[key][0] is None:
+            try:
+                cfg.set(key, coerce(FIELD_INDEX[key][1], value))
+            except ValueError as e:
+                problems.append(f"{key}: {e}")
+        else:
+            problems.append(f"unknown setting '{key}'")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def from_yaml(text: str, base: RunConfig | None = None) -> RunConfig:
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"the YAML does not parse: {e}"]) from None
+    if d is not None and not isinstance(d, dict):
+        raise ConfigError(["the YAML must be a mapping of settings"])
+    return from_dict(d, base)
+
+
+def save_yaml(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg), encoding="utf-8")
+
+
+def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    return from_yaml(Path(path).read_text(encoding="utf-8"), base)
+
+
+# ---- presets ----
+
+def list_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    return sorted(p.stem for p in presets_dir.glob("*.yaml"))
+
+
+def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> RunConfig:
+    path = presets_dir / f"{name}.yaml"
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path.is_file():
+        raise ConfigError([f"preset '{name}' not found; available: {', '.join(list_presets(presets_dir))}"])
+    cfg = load_yaml(path)
+    # Relative data paths in presets are relative to the repo, so presets work from any cwd.
+    if cfg.data.data_path and not Path(cfg.data.data_path).is_absolute():
+        cfg.data.data_path = str((presets_dir.parent / cfg.data.data_path).resolve())
+    return cfg
+
+
+def save_preset(cfg: RunConfig, name: str, presets_dir: Path = PRESETS_DIR) -> Path:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise ConfigError([f"preset name '{name}': use letters, digits, '.', '_' or '-'"])
+    presets_dir.mkdir(parents=True, exist_ok=True)
+    path = presets_dir / f"{name}.yaml"
+    save_yaml(cfg, path)
+    return path
+
+
+# ---- CLI flags ----
+
+def cli_flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def add_cli_flags(parser) -> None:
+    """One argparse flag per config field (value parsed later by `coerce`, so errors are collected)."""
+    for key, (_, f) in FIELD_INDEX.items():
+        ch = choices(f)
+        extra = f" Choices: {', '.join(ch)}." if ch else ""
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        rng = f" Range {_fmt(lo)}..{_fmt(hi)}." if lo is not None else ""
+        names = [cli_flag(key)] + [a for a, k in CLI_ALIASES.items() if k == key]
+        parser.add_argument(*names, dest=f"cfg__{key}", default=None, metavar="V" if not ch else None,
+                            help=f"{f.metadata['help']}{extra}{rng} Default: {f.default!r}"
+                            if f.default is not dataclasses.MISSING else f.metadata["help"])
+
+
+CLI_ALIASES = {"--data": "data_path", "--model": "base_model", "--lr": "learning_rate"}
+
+
+def apply_cli_flags(cfg: RunConfig, args) -> RunConfig:
+    values = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+    return cfg.updated(**values) if values else cfg
+
+
+def cli_command(cfg: RunConfig, preset: str | None = None) -> str:
+    """The `python -m qlora_ui train ...` command that reproduces this config."""
+    base = load_preset(preset) if preset else RunConfig()
+    parts = ["python -m qlora_ui train"] + ([f"--preset {preset}"] if preset else [])
+    for key, v in cfg.flat().items():
+        if v != base.get(key):
+            if isinstance(v, dict):
+                v = ",".join(f"{a}={b}" for a, b in v.items())
+            parts.append(f"{cli_flag(key)} {_shell_quote(str(v))}")
+    return " ".join(parts)
+
+
+def _shell_quote(s: str) -> str:
+    return s if re.fullmatch(r"[A-Za-z0-9._/:=,@+-]+", s) else "'" + s.replace("'", "'\\''") + "'"
+
+
+FIELD_INDEX = _field_index()
+_TYPES: dict[str, Any] = {}
+for _cls in (RunConfig, *SECTIONS.values()):
+    import typing as _typing
+
+    _hints = _typing.get_type_hints(_cls)
+    _TYPES.update({k: v for k, v in _hints.items() if k not in SECTIONS})

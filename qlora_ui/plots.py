@@ -1,0 +1,63 @@
+"""Plotly figures from metrics rows and data reports (used by the UI and by bench/ for PNG export)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"]
+
+
+def _xy(rows: list[dict[str, Any]], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def training_figure(rows: list[dict[str, Any]], title: str = "") -> go.Figure:
+    """Train/eval loss, learning rate, grad norm and tokens/s of one run, 2x2."""
+    fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Learning rate", "Grad norm", "Tokens/s"),
+                        vertical_spacing=0.16, horizontal_spacing=0.08)
+    x, y = _xy(rows, "loss")
+    fig.add_trace(go.Scatter(x=x, y=y, name="train loss", mode="lines+markers", marker_size=4,
+                             line_color=COLORS[0]), 1, 1)
+    x, y = _xy(rows, "eval_loss")
+    fig.add_trace(go.Scatter(x=x, y=y, name="eval loss", mode="lines+markers", marker_size=7,
+                             line=dict(color=COLORS[1], dash="dash")), 1, 1)
+    for (key, name, r, c, color) in (("lr", "lr", 1, 2, COLORS[2]), ("grad_norm", "grad norm", 2, 1, COLORS[3]),
+                                     ("tokens_per_s", "tokens/s", 2, 2, COLORS[4])):
+        x, y = _xy(rows, key)
+        fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines", line_color=color, showlegend=False), r, c)
+    fig.update_xaxes(title_text="step", row=2)
+    fig.update_layout(height=520, margin=dict(l=40, r=20, t=60 if title else 40, b=40), title=title or None,
+                      legend=dict(orientation="h", y=1.12, x=0), template="plotly_white")
+    return fig
+
+
+def overlay_figure(runs: dict[str, list[dict[str, Any]]], title: str = "Loss by run") -> go.Figure:
+    """Train (solid) and eval (dashed) loss of several runs on one chart."""
+    fig = go.Figure()
+    for i, (name, rows) in enumerate(runs.items()):
+        color = COLORS[i % len(COLORS)]
+        x, y = _xy(rows, "loss")
+        if x:
+            fig.add_trace(go.Scatter(x=x, y=y, name=f"{name} train", mode="lines", line_color=color))
+        x, y = _xy(rows, "eval_loss")
+        if x:
+            fig.add_trace(go.Scatter(x=x, y=y, name=f"{name} eval", mode="lines+markers",
+                                     line=dict(color=color, dash="dash")))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", template="plotly_white", height=460,
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def length_histogram(lengths: list[int], max_length: int) -> go.Figure:
+    over = sum(1 for n in lengths if n > max_length)
+    fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(60, max(10, len(set(lengths)))), marker_color=COLORS[0],
+                                 name="examples"))
+    fig.add_vline(x=max_length, line_dash="dash", line_color=COLORS[1],
+                  annotation_text=f"max_length {max_length}: {over} row(s) dropped", annotation_position="top right")
+    fig.update_layout(title="Tokens per example", xaxis_title="tokens", yaxis_title="rows", height=320,
+                      margin=dict(l=40, r=20, t=50, b=40), template="plotly_white", bargap=0.05)
+    return fig

@@ -1,0 +1,275 @@
+"""The run folder on disk is the truth: a page reload, an app restart or a crash loses nothing.
+
+runs/<timestamp>-<name>/
+  config.yaml      the RunConfig that made this run
+  status.json      state (running/stopped/finished/failed/interrupted), message, pid, step   (atomic writes)
+  metrics.jsonl    one JSON object per log step, append-only; eval rows carry eval_loss
+  train.log        the log of the run
+  data/            a copy of the dataset file (uploads are not left in a temp dir)
+  checkpoints/     resumable Trainer checkpoints (checkpoint-<step>/)
+  adapter/         the PEFT adapter (safetensors) + tokenizer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, load_yaml, save_yaml
+
+STATES = ("created", "running", "stopped", "finished", "failed", "interrupted")
+MIN_FREE_BYTES = 200 * 1024 * 1024
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write then rename, so a reader or a crash never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def safe_name(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name or "").strip(".-")[:64]
+    return s or "run"
+
+
+def check_runs_dir_writable(runs_dir: Path) -> None:
+    """Fail before training, not at the first checkpoint, when the runs folder cannot hold a run."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        probe = runs_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError([f"runs_dir '{runs_dir}' is not writable ({e.strerror or e}). Choose another folder "
+                           "with --runs-dir or fix its permissions."]) from None
+    free = shutil.disk_usage(runs_dir).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError([f"runs_dir '{runs_dir}' has only {free / 1e6:.0f} MB free; a run needs at least "
+                           f"{MIN_FREE_BYTES / 1e6:.0f} MB for checkpoints and the adapter. Free some space."])
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / "data"
+
+    # ---- config ----
+    def config(self) -> RunConfig:
+        return load_yaml(self.config_path)
+
+    def write_config(self, cfg: RunConfig) -> None:
+        tmp = self.path / f".config.yaml.tmp{os.getpid()}"
+        save_yaml(cfg, tmp)
+        os.replace(tmp, self.config_path)
+
+    # ---- status ----
+    def write_status(self, state: str, message: str = "", **extra: Any) -> None:
+        assert state in STATES, state
+        st = self.read_status(raw=True)
+        st.update(extra)
+        st.update(state=state, message=message, updated=time.time())
+        if state == "running":
+            st["pid"] = os.getpid()
+            st["pid_started"] = _process_start(os.getpid())
+        atomic_write_text(self.status_path, json.dumps(st, indent=1))
+
+    def read_status(self, raw: bool = False) -> dict[str, Any]:
+        try:
+            st = json.loads(self.status_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            st = {"state": "created", "message": ""}
+        if not raw and st.get("state") == "running" and not _alive(st.get("pid"), st.get("pid_started")):
+            # The process that was training is gone (kill -9, power loss): the run can be resumed.
+            st["state"] = "interrupted"
+            st["message"] = "The process running this training ended without saving a final state. " \
+                            "Resume continues from the last checkpoint."
+        return st
+
+    @property
+    def state(self) -> str:
+        return self.read_status()["state"]
+
+    # ---- metrics ----
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, allow_nan=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        try:
+            text = self.metrics_path.read_text(encoding="utf-8")
+        except OSError:
+            return []
+        rows = []
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
+    def truncate_metrics(self, max_step: int) -> None:
+        """On resume from checkpoint N, drop rows after N so the curve has no duplicate steps."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= max_step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # ---- checkpoints / adapter ----
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        cps = [p for p in self.checkpoints_dir.glob("checkpoint-*")
+               if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+        return sorted(cps, key=lambda p: int(p.name.split("-")[-1]))
+
+    def last_checkpoint(self) -> Path | None:
+        cps = self.checkpoints()
+        return cps[-1] if cps else None
+
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
+    def summary(self) -> dict[str, Any]:
+        st = self.read_status()
+        rows = self.read_metrics()
+        losses = [r for r in rows if r.get("loss") is not None]
+        evals = [r for r in rows if r.get("eval_loss") is not None]
+        try:
+            cfg = self.config()
+            model, data = cfg.model.base_model, Path(cfg.data.data_path).name
+        except (OSError, ConfigError):
+            model, data = "?", "?"
+        return {
+            "name": self.name,
+            "model": model,
+            "data": data,
+            "status": st.get("state"),
+            "step": max((r.get("step", 0) for r in rows), default=0),
+            "max_steps": st.get("max_steps"),
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(st.get("created", self.path.stat().st_mtime))),
+            "adapter": self.has_adapter(),
+            "message": st.get("message", ""),
+            "path": str(self.path),
+        }
+
+
+def _process_start(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - psutil raises several types; a missing start time only weakens the check
+        return None
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    if not pid:
+        return False
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return False
+    # A reused pid belongs to another process: compare start times.
+    return started is None or abs(p.create_time() - started) < 1.0
+
+
+def create_run(cfg: RunConfig) -> RunDir:
+    runs_dir = Path(cfg.runs_dir)
+    check_runs_dir_writable(runs_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{stamp}-{safe_name(cfg.name)}"
+    path = runs_dir / base
+    i = 1
+    while path.exists():
+        i += 1
+        path = runs_dir / f"{base}-{i}"
+    path.mkdir(parents=True)
+    run = RunDir(path)
+    run.write_config(cfg)
+    run.write_status("created", "", created=time.time())
+    return run
+
+
+def copy_dataset_into(run: RunDir, cfg: RunConfig) -> RunConfig:
+    """Keep the data with the run: uploads live in a temp dir that Gradio cleans up."""
+    src = Path(cfg.data.data_path)
+    if not src.is_file():
+        return cfg
+    run.data_dir.mkdir(exist_ok=True)
+    dst = run.data_dir / safe_name(src.name)
+    if src.resolve() != dst.resolve():
+        shutil.copyfile(src, dst)
+    cfg = cfg.updated(data_path=str(dst.resolve()))
+    run.write_config(cfg)
+    return cfg
+
+
+def open_run(path: str | Path, runs_dir: str | Path | None = None) -> RunDir:
+    """A run folder by path or by name inside runs_dir, confined to runs_dir when one is given."""
+    p = Path(path)
+    if runs_dir is not None and not p.is_absolute() and not p.exists():
+        p = Path(runs_dir) / p
+    p = p.resolve()
+    if runs_dir is not None:
+        root = Path(runs_dir).resolve()
+        if root not in p.parents:
+            raise ConfigError([f"'{path}' is not a run inside {root}."])
+    if not (p / "config.yaml").is_file():
+        raise ConfigError([f"'{path}' is not a run folder (no config.yaml). List runs with `python -m qlora_ui runs`."])
+    return RunDir(p)
+
+
+def list_runs(runs_dir: str | Path) -> list[RunDir]:
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda r: r.name, reverse=True)

@@ -1,0 +1,117 @@
+"""App-wide state shared by every browser session: the one training job and the chat engine.
+
+Created once in app.py and handed to the tab builders (never a module global): Gradio serves many
+sessions from one process, and one training at a time per app is a rule of the app, not of a tab.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from .chat import ChatEngine
+from .config import ConfigError, RunConfig
+from .runs import RunDir, list_runs, open_run
+from .training import TrainingJob
+
+log = logging.getLogger(__name__)
+
+
+class StudioBusy(RuntimeError):
+    pass
+
+
+class Studio:
+    def __init__(self, runs_dir: str | Path = "runs", model_roots: list[str | Path] | None = None):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        # Folders a user may type model paths from; a typed path outside these is refused.
+        self.model_roots = [Path(p).resolve() for p in (model_roots or [])]
+        self._lock = threading.Lock()
+        self.job: TrainingJob | None = None
+        self.chat = ChatEngine()
+        self._tokenizers: dict[str, object] = {}
+
+    # ---- training ----
+    def busy(self) -> bool:
+        return self.job is not None and self.job.alive
+
+    def start(self, cfg: RunConfig) -> TrainingJob:
+        with self._lock:
+            if self.busy():
+                raise StudioBusy(f"A training run is already in progress ({self.job.run.name}, step "
+                                 f"{self.job.step}/{self.job.max_steps or '?'}). Stop it first: one run at a time.")
+            cfg = cfg.updated(runs_dir=str(self.runs_dir))
+            self.job = TrainingJob(cfg).start()
+            return self.job
+
+    def resume(self, run_name: str) -> TrainingJob:
+        with self._lock:
+            if self.busy():
+                raise StudioBusy("A training run is already in progress. Stop it before resuming another.")
+            run = self.open(run_name)
+            if run.state == "running":
+                raise StudioBusy(f"{run.name} is running in another process.")
+            self.job = TrainingJob(run=run, resume=True).start()
+            return self.job
+
+    def stop(self) -> bool:
+        job = self.job
+        if job is None or not job.alive:
+            return False
+        job.stop()
+        return True
+
+    # ---- runs ----
+    def open(self, run_name: str) -> RunDir:
+        """A run by name, confined to runs_dir (no ../ escapes from a typed or posted name)."""
+        return open_run(Path(run_name).name, self.runs_dir)
+
+    def runs(self) -> list[RunDir]:
+        return list_runs(self.runs_dir)
+
+    def in_use(self, run: RunDir) -> bool:
+        return self.busy() and self.job.run.path.resolve() == run.path.resolve()
+
+    def delete(self, run_name: str) -> None:
+        import shutil
+
+        run = self.open(run_name)
+        if self.in_use(run) or run.state == "running":
+            raise StudioBusy(f"{run.name} is training right now; stop it before deleting it.")
+        shutil.rmtree(run.path)
+
+    # ---- models ----
+    def check_model_path(self, name: str) -> None:
+        """Typed local paths must sit under an allowed root (the app may be shared over a public link)."""
+        from .config import BUNDLED_MODEL
+
+        if name == BUNDLED_MODEL:
+            return
+        p = Path(name).expanduser()
+        if not (name.startswith((".", "/", "~")) or p.exists()):
+            return  # a hub id
+        p = p.resolve()
+        if self.model_roots and not any(p == r or r in p.parents for r in self.model_roots):
+            raise ConfigError([f"model path '{name}' is outside the folders this app may read "
+                               f"({', '.join(map(str, self.model_roots))}). Start the app with --model-root."])
+
+    def tokenizer_for(self, base_model: str):
+        """Tokenizers are small and slow to build: cache one per base model for the data preview."""
+        from .config import ModelConfig
+        from .modeling import load_tokenizer, resolve_model_path
+
+        if base_model not in self._tokenizers:
+            m = ModelConfig(base_model=base_model)
+            self._tokenizers[base_model] = load_tokenizer(resolve_model_path(m), m)
+        return self._tokenizers[base_model]
+
+    def local_models(self) -> list[str]:
+        out = []
+        for root in self.model_roots:
+            if (root / "config.json").is_file():
+                out.append(str(root))
+            elif root.is_dir():
+                out += sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file())
+        return out

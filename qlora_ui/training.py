@@ -1,0 +1,308 @@
+"""The training job: one object owns the thread, the stop event, the metrics and the caught exception.
+
+`TrainingJob.run()` trains blocking (the CLI); `TrainingJob.start()` runs the same in a thread (the UI).
+The engine reports through the run folder (status.json, metrics.jsonl, train.log) and an optional
+listener callback; it knows nothing about Gradio.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .runs import RunDir, copy_dataset_into, create_run
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[str, dict[str, Any]], None]  # (event, payload): "metrics", "status", "log"
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def failure_hint(exc: BaseException) -> str:
+    """One actionable sentence for the common ways a run dies."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if "out of memory" in text or isinstance(exc, MemoryError):
+        return ("Out of memory: lower batch_size (raise grad_accum to keep the effective batch), turn on "
+                "gradient_checkpointing, shorten max_length, or use paged_adamw_8bit.")
+    if isinstance(exc, TrainingDiverged) or "nan" in text:
+        return "The loss became NaN/inf: lower the learning_rate (e.g. 1e-4), keep max_grad_norm at 0.3, use bf16."
+    if isinstance(exc, (ConfigError, ValueError)):
+        return "Fix the setting named above and start again."
+    return "See train.log in the run folder for details; resume continues from the last checkpoint."
+
+
+def _make_callback(job: TrainingJob):
+    from transformers import TrainerCallback
+
+    class JobCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            job.max_steps = state.max_steps
+            job._session_start_step = state.global_step
+            job._t_start = time.time()
+            job._last_log = (time.time(), state.num_input_tokens_seen or 0)
+            job.run.write_status("running", "training", max_steps=state.max_steps, step=state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            job.step = state.global_step
+            if job.stop_event.is_set():
+                # Save a resumable checkpoint at the stop point too, not only the adapter.
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss} at step {state.global_step}")
+            now = time.time()
+            tokens = state.num_input_tokens_seen or 0
+            t_prev, tok_prev = job._last_log
+            job._last_log = (now, tokens)
+            done = state.global_step - job._session_start_step
+            elapsed = now - job._t_start
+            eta = (state.max_steps - state.global_step) * elapsed / done if done > 0 else None
+            row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            if "eval_loss" in logs:
+                row["eval_loss"] = logs["eval_loss"]
+            else:
+                if "train_loss" in logs:  # the end-of-training summary row: not a log step
+                    return
+                row.update(loss=loss, lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                           tokens_per_s=(tokens - tok_prev) / max(now - t_prev, 1e-6),
+                           tokens_seen=tokens)
+            row.update(elapsed_s=round(job.elapsed_before + elapsed, 2),
+                       eta_s=None if eta is None else round(eta, 1), time=now, max_steps=state.max_steps)
+            from .modeling import memory_now
+
+            row.update({k: round(v, 3) for k, v in memory_now().items()})
+            job._record(row)
+
+        def on_save(self, args, state, control, **kw):
+            job.run.write_status("running", f"checkpoint saved at step {state.global_step}",
+                                 step=state.global_step, last_checkpoint=state.global_step)
+
+    return JobCallback()
+
+
+class TrainingJob:
+    """A training run: `run()` blocks, `start()` runs it in a thread, `stop()` asks it to end and save."""
+
+    def __init__(self, cfg: RunConfig | None = None, *, run: RunDir | None = None, resume: bool = False,
+                 listener: Listener | None = None, extra_callbacks: list | None = None):
+        if cfg is None and run is None:
+            raise ValueError("give a config or a run to resume")
+        self.resume = resume
+        self.cfg = run.config() if (resume and run is not None and cfg is None) else cfg
+        self.cfg.validate(need_data=True)
+        self.run: RunDir = run if run is not None else create_run(self.cfg)
+        if not resume:
+            self.cfg = copy_dataset_into(self.run, self.cfg)
+        self.listener = listener
+        self.extra_callbacks = extra_callbacks or []
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.metrics: list[dict[str, Any]] = self.run.read_metrics() if resume else []
+        self.error: BaseException | None = None
+        self.error_message = ""
+        self.state = "created"
+        self.phase = "waiting"
+        self.step = 0
+        self.max_steps = 0
+        self.elapsed_before = max((r.get("elapsed_s", 0) for r in self.metrics), default=0.0)
+        self._t_start = time.time()
+        self._session_start_step = 0
+        self._last_log = (time.time(), 0)
+        self.report = None  # the data report, once the dataset is read
+        self.footprint_bytes = 0
+        self.load_seconds = 0.0
+
+    # ---- control ----
+    def start(self) -> TrainingJob:
+        self.thread = threading.Thread(target=self.run_blocking, name=f"train-{self.run.name}", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.state
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() or self.state == "running"
+
+    def progress(self) -> dict[str, Any]:
+        last = next((r for r in reversed(self.metrics) if "loss" in r), {})
+        return {"state": self.state, "phase": self.phase, "step": self.step, "max_steps": self.max_steps,
+                "elapsed_s": last.get("elapsed_s"), "eta_s": last.get("eta_s"), "loss": last.get("loss"),
+                "run": self.run.name, "message": self.error_message}
+
+    # ---- internals ----
+    def _record(self, row: dict[str, Any]) -> None:
+        self.metrics.append(row)
+        self.run.append_metrics(row)
+        parts = [f"step {row['step']}/{row.get('max_steps')}"]
+        for k in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"):
+            if row.get(k) is not None:
+                parts.append(f"{k} {row[k]:.4g}")
+        log.info(" | ".join(parts))
+        self._emit("metrics", row)
+
+    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(event, payload)
+            except Exception:  # noqa: BLE001 - a broken listener (closed UI) must not kill training
+                log.exception("listener failed on %s", event)
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = phase
+        log.info(phase)
+        self.run.write_status("running", phase)
+        self._emit("status", {"state": "running", "message": phase})
+
+    def run_blocking(self) -> str:
+        handler = logging.FileHandler(self.run.log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        pkg_log = logging.getLogger("qlora_ui")
+        pkg_log.addHandler(handler)
+        if pkg_log.level == logging.NOTSET or pkg_log.level > logging.INFO:
+            pkg_log.setLevel(logging.INFO)
+        self.state = "running"
+        try:
+            self._train()
+        except BaseException as e:  # noqa: BLE001 - every failure must end up in status.json, not kill the app
+            self.error = e
+            hint = failure_hint(e)
+            self.error_message = f"{type(e).__name__}: {str(e)[:500]}\n{hint}"
+            log.error("training failed: %s\n%s", self.error_message, traceback.format_exc())
+            self.state = "failed"
+            self.run.write_status("failed", self.error_message, step=self.step)
+            self._emit("status", {"state": "failed", "message": self.error_message})
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+        finally:
+            pkg_log.removeHandler(handler)
+            handler.close()
+        return self.state
+
+    def _train(self) -> None:
+        import datasets
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        from .data import prepare_dataset
+        from .modeling import load_for_training, trainable_parameters
+
+        cfg, tr = self.cfg, self.cfg.training
+        self.run.write_status("running", "starting", started=time.time())
+        ckpt = None
+        if self.resume:
+            ckpt = self.run.last_checkpoint()
+            step = int(ckpt.name.split("-")[-1]) if ckpt else 0
+            self.run.truncate_metrics(step)  # no duplicate steps in the curve after resume
+            self.metrics = self.run.read_metrics()
+            self.elapsed_before = max((r.get("elapsed_s", 0) for r in self.metrics), default=0.0)
+            log.info("resuming from %s", ckpt or "the start (no checkpoint was saved)")
+
+        self._set_phase("loading model")
+        loaded = load_for_training(cfg.model, cfg.quantization, cfg.lora, tr.gradient_checkpointing)
+        self.footprint_bytes, self.load_seconds = loaded.footprint_bytes, loaded.load_seconds
+        trainable, total = trainable_parameters(loaded.model)
+        log.info("loaded %s in %.1f s: base footprint %.1f MB, trainable %d of %d parameters (%.2f%%)",
+                 loaded.path, loaded.load_seconds, loaded.footprint_bytes / 1e6, trainable, total,
+                 100 * trainable / max(total, 1))
+
+        self._set_phase("reading dataset")
+        prepared = prepare_dataset(cfg.data, loaded.tokenizer, seed=tr.seed)
+        self.report = prepared.report
+        log.info("dataset:\n%s", prepared.report.summary())
+        if tr.batch_size > len(prepared.train) and tr.max_steps == 0:
+            log.warning("batch_size %d is larger than the %d training rows: each step sees every row",
+                        tr.batch_size, len(prepared.train))
+
+        def to_ds(rows):
+            return datasets.Dataset.from_list([{**r, "length": len(r["input_ids"])} for r in rows])
+
+        train_ds = to_ds(prepared.train)
+        eval_ds = to_ds(prepared.eval) if prepared.eval else None
+
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        args = TrainingArguments(
+            output_dir=str(self.run.checkpoints_dir),
+            num_train_epochs=tr.epochs,
+            max_steps=tr.max_steps if tr.max_steps > 0 else -1,
+            per_device_train_batch_size=tr.batch_size,
+            per_device_eval_batch_size=tr.batch_size,
+            gradient_accumulation_steps=tr.grad_accum,
+            learning_rate=tr.learning_rate,
+            lr_scheduler_type=tr.lr_scheduler,
+            warmup_steps=tr.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+            optim=tr.optimizer,
+            weight_decay=tr.weight_decay,
+            max_grad_norm=tr.max_grad_norm,
+            seed=tr.seed,
+            data_seed=tr.seed,
+            logging_steps=tr.logging_steps,
+            logging_first_step=True,
+            eval_strategy=("steps" if tr.eval_steps > 0 else "no") if eval_ds is not None else "no",
+            eval_steps=tr.eval_steps if tr.eval_steps > 0 else None,
+            save_strategy="steps",
+            save_steps=tr.save_steps,
+            save_total_limit=tr.save_total_limit,
+            train_sampling_strategy="group_by_length" if tr.group_by_length else "random",
+            length_column_name="length",
+            include_num_input_tokens_seen="non_padding",
+            # Mixed precision only where it pays: on CPU the 4-bit matmuls already run in compute_dtype.
+            bf16=on_gpu and cfg.quantization.compute_dtype == "bf16",
+            fp16=on_gpu and cfg.quantization.compute_dtype == "fp16",
+            use_cpu=not on_gpu,
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding=True, label_pad_token_id=-100,
+                                          return_tensors="pt")
+        trainer = Trainer(model=loaded.model, args=args, train_dataset=train_ds.remove_columns(["length"])
+                          if not tr.group_by_length else train_ds, eval_dataset=eval_ds, data_collator=collator,
+                          callbacks=[_make_callback(self), *self.extra_callbacks])
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the listener, not stdout
+        self._set_phase("training")
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if eval_ds is not None and tr.eval_steps == 0 and not self.stop_event.is_set():
+            trainer.evaluate()  # eval_steps 0 = evaluate once at the end
+
+        self.phase = "saving adapter"
+        self.save_adapter(loaded.model, loaded.tokenizer)
+        if self.stop_event.is_set():
+            self.state = "stopped"
+            msg = f"stopped at step {self.step}; adapter saved from the current weights"
+        else:
+            self.state = "finished"
+            msg = f"finished {self.step} steps"
+        self.run.write_status(self.state, msg, step=self.step, finished=time.time())
+        self._emit("status", {"state": self.state, "message": msg})
+        log.info(msg)
+
+    def save_adapter(self, model, tokenizer) -> Path:
+        out = self.run.adapter_dir
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return out

@@ -1,0 +1,121 @@
+"""Builds the Gradio app: one builder per tab, wired to the handlers with the shared form."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import gradio as gr
+
+from ..studio import Studio
+from . import handlers as h
+from .chat_tab import build_chat_tab
+from .model_data_tab import DATA_KEYS, MODEL_KEYS, QUANT_KEYS, build_model_data_tab
+from .runs_tab import build_runs_tab
+from .train_tab import ADVANCED_TRAIN_KEYS, LORA_KEYS, MAIN_TRAIN_KEYS, build_train_tab
+
+CSS = """
+.qs-trained { background: #bbf7d0; color: #14532d; border-radius: 3px; }
+.qs-masked { background: #e5e7eb; color: #4b5563; border-radius: 3px; }
+.qs-example { white-space: pre-wrap; font-size: 13px; line-height: 1.5; padding: 8px; max-height: 300px;
+              overflow: auto; }
+.qs-legend span { padding: 2px 6px; margin-right: 8px; font-size: 12px; }
+.qs-progress { padding: 8px 4px; }
+.qs-bar { height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden; margin-top: 6px; }
+.qs-bar > div { height: 100%; transition: width .5s; }
+.qs-msg { white-space: pre-wrap; margin-top: 6px; font-size: 13px; }
+"""
+
+FORM_KEYS = (["name"] + MODEL_KEYS + QUANT_KEYS + DATA_KEYS + LORA_KEYS + MAIN_TRAIN_KEYS + ADVANCED_TRAIN_KEYS)
+
+
+def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Blocks:
+    from ..config import RunConfig, list_presets, load_preset
+
+    # The form opens on a preset (the quick start by default), so Start works with no typing at all.
+    preset = preset if preset in list_presets() else None
+    initial = load_preset(preset) if preset else RunConfig()
+    with gr.Blocks(title="QLoRA Studio") as demo:
+        gr.Markdown("# QLoRA Studio\nFine-tune a 4-bit base model with LoRA adapters — on this machine.")
+        with gr.Tabs():
+            with gr.Tab("Model & Data", id="model-data"):
+                md = build_model_data_tab(studio, initial)
+            with gr.Tab("Train", id="train"):
+                tr = build_train_tab(studio, initial, preset)
+            with gr.Tab("Chat", id="chat"):
+                ch = build_chat_tab()
+            with gr.Tab("Runs", id="runs"):
+                rn = build_runs_tab()
+
+        form = {**{k: md[k] for k in MODEL_KEYS + QUANT_KEYS + DATA_KEYS},
+                **{k: tr[k] for k in ["name"] + LORA_KEYS + MAIN_TRAIN_KEYS + ADVANCED_TRAIN_KEYS}}
+        keys = FORM_KEYS
+        inputs = [form[k] for k in keys]
+
+        # Model & Data: re-inspect the dataset whenever something that changes the preview changes.
+        inspect_out = [md["data_summary"], md["data_preview"], md["data_hist"], md["data_example"], md["quant_info"]]
+        for k in ["data_path", "data_format", "column_map", "max_length", "train_on_source", "system_prompt",
+                  "base_model", "max_rows"]:
+            ev = form[k].upload if k == "data_path" else (form[k].change if k != "column_map" else form[k].blur)
+            ev(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="minimal")
+        for k in QUANT_KEYS:
+            form[k].change(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="hidden")
+
+        # Memory plan, refreshed when any setting that changes memory changes.
+        from .memory_panel import update_memory_panel
+
+        mem = tr["memory"]
+        mem_out = [mem[k] for k in mem]
+
+        def refresh_memory(*values):
+            try:
+                cfg = h.cfg_from_values(list(keys), list(values))
+            except h.ConfigError:
+                return [gr.skip()] * len(mem_out)
+            return update_memory_panel(cfg)
+
+        for k in ["base_model", "lora_r", "batch_size", "max_length", "optimizer", "gradient_checkpointing",
+                  "quant_type", "double_quant", "load_in_4bit", "compute_dtype"]:
+            form[k].change(refresh_memory, inputs, mem_out, show_progress="hidden")
+
+        # Presets
+        preset_targets = [form[k] for k in keys]
+        tr["preset"].change(partial(h.apply_preset, keys=keys), tr["preset"], preset_targets)
+        tr["save_preset"].click(partial(h.save_as_preset, keys), [tr["preset_name"]] + inputs, tr["preset"])
+
+        # Training
+        tr["start"].click(partial(h.start_training, studio, keys), inputs, tr["progress"])
+        tr["stop"].click(partial(h.stop_training, studio), None, None)
+        tr["resume_run"].change(partial(h.resume_info, studio), tr["resume_run"], tr["resume_info"])
+        tr["resume"].click(partial(h.resume_training, studio), tr["resume_run"], tr["progress"])
+        tr["timer"].tick(partial(h.poll_training, studio), tr["seen"],
+                         [tr["progress"], tr["plot"], tr["log"], tr["seen"]], show_progress="hidden")
+
+        # Chat
+        chat_settings = [ch["run"], ch["checkpoint"], ch["system"], ch["temperature"], ch["top_p"],
+                         ch["max_new_tokens"], ch["seed"]]
+        ch["refresh"].click(partial(h.chat_runs, studio), None, ch["run"])
+        ch["run"].change(partial(h.adapter_options, studio), ch["run"], ch["checkpoint"])
+        send_args = dict(fn=partial(h.send_message, studio), inputs=chat_settings + [ch["msg"], ch["history"]],
+                         outputs=[ch["chatbot"], ch["msg"], ch["history"]])
+        ch["send"].click(**send_args)
+        ch["msg"].submit(**send_args)
+        ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"]],
+                            [ch["cmp_base"], ch["cmp_adapter"]])
+        ch["clear"].click(lambda: ([], [], "", ""), None, [ch["chatbot"], ch["history"], ch["cmp_base"],
+                                                          ch["cmp_adapter"]])
+
+        # Runs
+        table_out = [rn["table"], rn["selected"], rn["run"], tr["resume_run"]]
+        rn["refresh"].click(partial(h.runs_table, studio), None, table_out)
+        rn["selected"].change(partial(h.overlay, studio), rn["selected"], rn["overlay"])
+        rn["run"].change(partial(h.run_details, studio), rn["run"], [rn["details"], rn["command"], rn["download"]])
+        rn["resume"].click(partial(h.resume_training, studio), rn["run"], tr["progress"])
+        rn["delete"].click(partial(h.delete_run, studio), rn["run"], None).then(
+            partial(h.runs_table, studio), None, table_out)
+
+        # On page load (and reload): fill the lists and the memory plan, reattach to a running job.
+        demo.load(partial(h.runs_table, studio), None, table_out)
+        demo.load(partial(h.chat_runs, studio), None, ch["run"])
+        demo.load(refresh_memory, inputs, mem_out)
+        demo.load(partial(h.inspect_data, studio, keys), inputs, inspect_out)
+    return demo

@@ -1,0 +1,320 @@
+"""Event handlers: thin glue from form values to the engine. Testable without a browser.
+
+Every user error is raised as `gr.Error` with a readable message; the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ..config import BUNDLED_MODEL, ConfigError, RunConfig, cli_command, load_preset, save_preset
+from ..studio import Studio, StudioBusy
+from .chat_tab import BASE_ONLY
+from .form import cfg_from_values, error_text, form_values
+from .train_tab import progress_html
+
+log = logging.getLogger(__name__)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from ..data import DataError
+    from ..modeling import ModelError
+
+    return (ConfigError, ModelError, DataError, StudioBusy, FileNotFoundError)
+
+
+def to_gr_error(e: BaseException) -> gr.Error:
+    return gr.Error(error_text(e), duration=None, title="Cannot do that")
+
+
+def config_from(keys: list[str], values: tuple) -> RunConfig:
+    try:
+        return cfg_from_values(keys, list(values)).validate()
+    except ConfigError as e:
+        raise to_gr_error(e) from None
+
+
+# ---- Model & Data ----
+
+def inspect_data(studio: Studio, keys: list[str], *values) -> tuple:
+    from .model_data_tab import inspect_upload, quant_summary
+
+    cfg = config_from(keys, values)
+    quant = quant_summary(cfg)
+    try:
+        summary, df, fig, example = inspect_upload(studio, cfg)
+    except user_errors() as e:
+        # A bad file: say what is wrong in place, keep the app and the form as they are.
+        return f"**Could not use this file.** {error_text(e)}", None, None, "", quant
+    return summary, df, fig, example, quant
+
+
+# ---- presets ----
+
+def apply_preset(name: str | None, keys: list[str]) -> list[Any]:
+    if not name:
+        return [gr.skip()] * len(keys)
+    try:
+        cfg = load_preset(name)
+    except ConfigError as e:
+        raise to_gr_error(e) from None
+    vals = form_values(cfg, keys)
+    # Keep the user's uploaded dataset when the preset names none of its own.
+    return [gr.skip() if (k == "data_path" and v is None) else v for k, v in zip(keys, vals)]
+
+
+def save_as_preset(keys: list[str], name: str, *values) -> Any:
+    cfg = config_from(keys, values)
+    try:
+        path = save_preset(cfg, (name or "").strip())
+    except ConfigError as e:
+        raise to_gr_error(e) from None
+    gr.Info(f"Saved preset {path.stem}")
+    from ..config import list_presets
+
+    return gr.update(choices=list_presets(), value=path.stem)
+
+
+# ---- training ----
+
+def start_training(studio: Studio, keys: list[str], *values) -> str:
+    cfg = config_from(keys, values)
+    try:
+        cfg.validate(need_data=True)
+        studio.check_model_path(cfg.model.base_model)
+        job = studio.start(cfg)
+    except user_errors() as e:
+        raise to_gr_error(e) from None
+    gr.Info(f"Started {job.run.name}")
+    return progress_html("running", 0, cfg.training.max_steps, None, None, job.run.name, "starting…")
+
+
+def stop_training(studio: Studio) -> None:
+    if studio.stop():
+        gr.Info("Stopping: the adapter is saved from the current weights at the end of this step.")
+    else:
+        gr.Warning("No training is running.")
+
+
+def resumable_runs(studio: Studio) -> list[str]:
+    out = []
+    for r in studio.runs():
+        if r.state in ("stopped", "interrupted", "failed", "finished") and r.last_checkpoint() is not None:
+            out.append(r.name)
+    return out
+
+
+def resume_info(studio: Studio, run_name: str | None) -> str:
+    if not run_name:
+        return ""
+    try:
+        run = studio.open(run_name)
+    except ConfigError as e:
+        return error_text(e)
+    cps = [c.name for c in run.checkpoints()]
+    st = run.read_status()
+    return (f"**{run.name}** — {st['state']}: {st.get('message', '')}  \nCheckpoints: {', '.join(cps) or 'none'}."
+            f" Resume continues from **{cps[-1] if cps else 'the start'}**.")
+
+
+def resume_training(studio: Studio, run_name: str | None) -> str:
+    if not run_name:
+        raise gr.Error("Pick a run to resume.")
+    try:
+        job = studio.resume(run_name)
+    except user_errors() as e:
+        raise to_gr_error(e) from None
+    gr.Info(f"Resuming {job.run.name}")
+    return progress_html("running", job.step, job.max_steps, None, None, job.run.name, "resuming…")
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def poll_training(studio: Studio, seen: tuple | None) -> tuple:
+    """Timer tick: progress, curves and log of the app's current (or last) job; skip redraws when unchanged."""
+    from ..plots import training_figure
+
+    job = studio.job
+    if job is None:
+        return gr.skip(), gr.skip(), gr.skip(), seen
+    run = job.run
+    rows = run.read_metrics()  # the run folder is the truth: a reload or a second browser sees the whole curve
+    st = run.read_status()
+    state = job.state if job.state in ("failed", "stopped", "finished") else st.get("state", job.state)
+    key = (run.name, len(rows), state, job.phase)
+    if seen == key:
+        return gr.skip(), gr.skip(), gr.skip(), seen
+    last = next((r for r in reversed(rows) if "loss" in r), {})
+    total = job.max_steps or st.get("max_steps") or 0
+    msg = job.error_message if state == "failed" else (job.phase if state == "running" else st.get("message", ""))
+    prog = progress_html(state, max(job.step, last.get("step", 0)), total, last.get("elapsed_s"), last.get("eta_s"),
+                         run.name, msg)
+    fig = training_figure(rows, title=run.name) if rows else gr.skip()
+    return prog, fig, tail(run.log_path), key
+
+
+# ---- chat ----
+
+def chat_runs(studio: Studio) -> Any:
+    names = [r.name for r in studio.runs() if r.has_adapter() or r.checkpoints()]
+    return gr.update(choices=[BASE_ONLY] + names)
+
+
+def adapter_options(studio: Studio, run_name: str | None) -> Any:
+    from ..chat import adapter_choices
+
+    if not run_name or run_name == BASE_ONLY:
+        return gr.update(choices=[], value=None)
+    try:
+        run = studio.open(run_name)
+    except ConfigError as e:
+        raise to_gr_error(e) from None
+    opts = [p.name if p.name != "adapter" else "final adapter" for p in adapter_choices(run.path)]
+    return gr.update(choices=opts, value=opts[0] if opts else None)
+
+
+def _chat_target(studio: Studio, run_name: str | None, adapter: str | None) -> tuple[RunConfig, Path | None]:
+    if not run_name or run_name == BASE_ONLY:
+        return RunConfig().updated(base_model=BUNDLED_MODEL), None
+    run = studio.open(run_name)
+    cfg = run.config()
+    if not adapter or adapter == "final adapter":
+        path = run.adapter_dir
+    else:
+        path = run.checkpoints_dir / Path(adapter).name
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError([f"{run.name} has no adapter at {path.name} yet. Pick a checkpoint or wait for the run."])
+    return cfg, path
+
+
+def _settings(system, temperature, top_p, max_new_tokens, seed):
+    from ..chat import GenerationSettings
+
+    return GenerationSettings(system_prompt=system or "", temperature=float(temperature or 0), top_p=float(top_p),
+                              max_new_tokens=int(max_new_tokens), seed=int(seed or 0))
+
+
+def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
+                 history) -> Iterator[tuple]:
+    msg = (msg or "").strip()
+    if not msg:
+        raise gr.Error("Type a message first.")
+    try:
+        cfg, path = _chat_target(studio, run_name, adapter)
+        name = studio.chat.load(cfg, path)
+    except user_errors() as e:
+        raise to_gr_error(e) from None
+    history = list(history or []) + [{"role": "user", "content": msg}]
+    settings = _settings(system, temperature, top_p, max_new_tokens, seed)
+    shown = history + [{"role": "assistant", "content": ""}]
+    yield shown, "", history
+    reply = ""
+    for reply in studio.chat.stream(history, settings, name):
+        shown[-1] = {"role": "assistant", "content": reply}
+        yield shown, "", history
+    history = history + [{"role": "assistant", "content": reply.strip()}]
+    yield history, "", history
+
+
+def compare_with_base(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed,
+                      msg) -> Iterator[tuple[str, str]]:
+    """The same prompt and seed through one loaded base, adapter off then on."""
+    msg = (msg or "").strip()
+    if not msg:
+        raise gr.Error("Type a message first.")
+    if not run_name or run_name == BASE_ONLY:
+        raise gr.Error("Pick a run with an adapter to compare against the base model.")
+    try:
+        cfg, path = _chat_target(studio, run_name, adapter)
+        name = studio.chat.load(cfg, path)
+    except user_errors() as e:
+        raise to_gr_error(e) from None
+    settings = _settings(system, temperature, top_p, max_new_tokens, seed)
+    messages = [{"role": "user", "content": msg}]
+    base = ""
+    for base in studio.chat.stream(messages, settings, None):
+        yield base, ""
+    tuned = ""
+    for tuned in studio.chat.stream(messages, settings, name):
+        yield base, tuned
+
+
+# ---- runs ----
+
+def runs_table(studio: Studio) -> tuple:
+    import pandas as pd
+
+    from .runs_tab import RUN_COLUMNS
+
+    rows = []
+    for r in studio.runs():
+        s = r.summary()
+        s["step"] = f"{s['step']}/{s['max_steps'] or '?'}"
+        for k in ("final_loss", "eval_loss"):
+            s[k] = None if s[k] is None else round(s[k], 4)
+        rows.append({k: s[k] for k in RUN_COLUMNS})
+    names = [r["name"] for r in rows]
+    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    return df, gr.update(choices=names), gr.update(choices=names), gr.update(choices=resumable_runs(studio))
+
+
+def overlay(studio: Studio, selected: list[str] | None) -> Any:
+    from ..plots import overlay_figure
+
+    if not selected:
+        return None
+    data = {}
+    for name in selected:
+        try:
+            data[name] = studio.open(name).read_metrics()
+        except ConfigError:
+            continue
+    return overlay_figure(data)
+
+
+def run_details(studio: Studio, run_name: str | None) -> tuple:
+    if not run_name:
+        return "", "", gr.update(value=None)
+    try:
+        run = studio.open(run_name)
+        cfg = run.config()
+    except ConfigError as e:
+        raise to_gr_error(e) from None
+    s = run.summary()
+    details = (f"**{run.name}** · {s['status']} · step {s['step']} · {s['message']}  \n"
+               f"Folder: `{run.path}` · adapter: {'yes' if s['adapter'] else 'not yet'}")
+    zip_path = zip_adapter(run) if run.has_adapter() else None
+    return details, cli_command(cfg), gr.update(value=zip_path)
+
+
+def zip_adapter(run) -> str:
+    out_dir = Path(tempfile.mkdtemp(prefix="qlora-adapter-"))
+    base = out_dir / f"{run.name}-adapter"
+    return shutil.make_archive(str(base), "zip", root_dir=run.adapter_dir)
+
+
+def delete_run(studio: Studio, run_name: str | None) -> None:
+    if not run_name:
+        raise gr.Error("Pick a run.")
+    try:
+        studio.delete(run_name)
+    except user_errors() as e:
+        raise to_gr_error(e) from None
+    gr.Info(f"Deleted {run_name}")

@@ -1,0 +1,91 @@
+"""Train tab: preset, the form generated from the config, memory plan, Start/Stop/Resume, live progress."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+
+from ..config import RunConfig, list_presets
+from ..studio import Studio
+from .form import component_for
+
+LORA_KEYS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules"]
+MAIN_TRAIN_KEYS = ["max_steps", "epochs", "batch_size", "grad_accum", "learning_rate"]
+ADVANCED_TRAIN_KEYS = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm",
+                       "gradient_checkpointing", "group_by_length", "seed", "logging_steps", "eval_steps",
+                       "save_steps", "save_total_limit"]
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def progress_html(state: str, step: int, total: int, elapsed: float | None, eta: float | None, run: str,
+                  message: str = "") -> str:
+    pct = 100.0 * step / total if total else 0.0
+    colour = {"running": "#2563eb", "finished": "#16a34a", "stopped": "#ca8a04", "failed": "#dc2626",
+              "interrupted": "#ea580c"}.get(state, "#6b7280")
+    msg = f'<div class="qs-msg">{html.escape(message)}</div>' if message else ""
+    return (f'<div class="qs-progress" data-state="{state}" data-step="{step}">'
+            f'<div class="qs-progress-head"><b style="color:{colour}">{html.escape(state)}</b> · {html.escape(run)}'
+            f' · step <b>{step}/{total or "?"}</b> · elapsed {fmt_seconds(elapsed)} · ETA {fmt_seconds(eta)}</div>'
+            f'<div class="qs-bar"><div style="width:{pct:.1f}%;background:{colour}"></div></div>{msg}</div>')
+
+
+def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+
+    def comp(key, **kw):
+        return component_for(key, value=initial.get(key), **kw)
+
+    with gr.Row():
+        presets = list_presets()
+        c["preset"] = gr.Dropdown(choices=presets, value=preset,
+                                  label="Preset", info="Loads a saved recipe into the form.", scale=2)
+        c["name"] = comp("name", scale=2)
+        c["preset_name"] = gr.Textbox(label="New preset name", placeholder="my-recipe", scale=1)
+        c["save_preset"] = gr.Button("Save as preset", scale=1)
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("### LoRA")
+            with gr.Row():
+                for k in LORA_KEYS[:2]:
+                    c[k] = comp(k)
+            with gr.Row():
+                for k in LORA_KEYS[2:]:
+                    c[k] = comp(k)
+            gr.Markdown("### Training")
+            with gr.Row():
+                for k in MAIN_TRAIN_KEYS[:3]:
+                    c[k] = comp(k)
+            with gr.Row():
+                for k in MAIN_TRAIN_KEYS[3:]:
+                    c[k] = comp(k)
+            with gr.Accordion("Advanced", open=False):
+                for i in range(0, len(ADVANCED_TRAIN_KEYS), 3):
+                    with gr.Row():
+                        for k in ADVANCED_TRAIN_KEYS[i:i + 3]:
+                            c[k] = comp(k)
+        with gr.Column(scale=2):
+            gr.Markdown("### Will it fit?")
+            from .memory_panel import build_memory_panel
+
+            c["memory"] = build_memory_panel()
+    with gr.Row():
+        c["start"] = gr.Button("Start training", variant="primary", elem_id="start-btn")
+        c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+        c["resume_run"] = gr.Dropdown(label="Run to resume", choices=[], scale=2,
+                                      info="Stopped, interrupted or failed runs with a checkpoint.")
+        c["resume"] = gr.Button("Resume", elem_id="resume-btn")
+    c["resume_info"] = gr.Markdown()
+    c["progress"] = gr.HTML(progress_html("idle", 0, 0, None, None, "no run yet"), elem_id="train-progress")
+    c["plot"] = gr.Plot(label="Training curves", elem_id="train-plot")
+    c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
+    c["timer"] = gr.Timer(1.5)
+    c["seen"] = gr.State(None)  # per session: (run, rows, state) last drawn, to skip unchanged redraws
+    return c
