@@ -380,7 +380,7 @@ def add_cli_flags(parser) -> None:
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         rng = f" Range {_fmt(lo)}..{_fmt(hi)}." if lo is not None else ""
         names = [cli_flag(key)] + [a for a, k in CLI_ALIASES.items() if k == key]
-        parser.add_argument(*names, dest=f"cfg__{key}", default=None, metavar="V" if not ch else None,
+        parser.add_argument(*names, dest=f"cfg__{key}", default=None, metavar="V" if not ch else "{" + ",".join(ch) + "}",
                             help=f"{f.metadata['help']}{extra}{rng} Default: {f.default!r}"
                             if f.default is not dataclasses.MISSING else f.metadata["help"])
 

@@ -259,6 +259,7 @@ class TrainingJob:
             data_seed=tr.seed,
             logging_steps=tr.logging_steps,
             logging_first_step=True,
+            logging_nan_inf_filter=False,  # a NaN loss must reach our callback and stop the run
             eval_strategy=("steps" if tr.eval_steps > 0 else "no") if eval_ds is not None else "no",
             eval_steps=tr.eval_steps if tr.eval_steps > 0 else None,
             save_strategy="steps",

@@ -1,0 +1,84 @@
+import argparse
+
+import pytest
+
+from qlora_ui.config import (
+    FIELD_INDEX, ConfigError, RunConfig, add_cli_flags, apply_cli_flags, cli_command, from_yaml, list_presets,
+    load_preset, to_yaml,
+)
+
+
+def test_yaml_round_trip_is_exact():
+    cfg = RunConfig().updated(lora_r=8, learning_rate=3e-4, column_map={"q": "instruction"}, system_prompt="Be brief.",
+                              revision="main", quant_type="fp4", max_steps=7)
+    text = to_yaml(cfg)
+    again = from_yaml(text)
+    assert again == cfg
+    assert to_yaml(again) == text
+
+
+def test_validation_collects_every_problem_at_once():
+    cfg = RunConfig().updated(lora_r=0, learning_rate=5.0, lora_alpha=0, batch_size=0)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    text = str(e.value)
+    for key in ("lora_r", "learning_rate", "lora_alpha", "batch_size"):
+        assert key in text
+    assert len(e.value.problems) == 4
+
+
+def test_bad_values_are_named_not_tracebacks():
+    with pytest.raises(ConfigError) as e:
+        RunConfig().updated(learning_rate="abc", quant_type="int3", gradient_checkpointing="maybe", nope=1)
+    msg = str(e.value)
+    assert "learning_rate" in msg and "int3" in msg and "maybe" in msg and "unknown setting 'nope'" in msg
+
+
+def test_unknown_yaml_keys_are_reported():
+    with pytest.raises(ConfigError) as e:
+        from_yaml("lora:\n  rank: 4\ntraining:\n  max_steps: x\n")
+    assert "lora.rank" in str(e.value) and "max_steps" in str(e.value)
+
+
+def test_every_field_is_a_cli_flag_applied_over_the_preset():
+    p = argparse.ArgumentParser()
+    add_cli_flags(p)
+    args = p.parse_args(["--max-steps", "3", "--lora-r", "16", "--save-steps", "2", "--runs-dir", "/tmp/x",
+                         "--data", "a.csv", "--no-such"] [:-1])
+    cfg = apply_cli_flags(load_preset("cpu-quickstart"), args)
+    assert (cfg.training.max_steps, cfg.lora.lora_r, cfg.training.save_steps, cfg.runs_dir) == (3, 16, 2, "/tmp/x")
+    assert cfg.data.data_path == "a.csv"
+    assert cfg.quantization.quant_type == "nf4"  # untouched preset values stay
+    flags = {a for action in p._actions for a in action.option_strings}
+    for key in FIELD_INDEX:
+        assert "--" + key.replace("_", "-") in flags
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_loads_and_validates(name):
+    cfg = load_preset(name)
+    cfg.validate()
+    assert cfg.model.base_model
+
+
+def test_paper_preset_is_the_guanaco_recipe():
+    c = load_preset("qlora-paper")
+    assert (c.lora.lora_r, c.lora.lora_alpha, c.lora.lora_dropout) == (64, 16, 0.05)
+    t = c.training
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.optimizer, t.max_grad_norm, t.group_by_length) == (
+        2e-4, "constant", 0.03, "paged_adamw_32bit", 0.3, True)
+    assert c.lora.target_modules == "all-linear" and c.quantization.quant_type == "nf4"
+    assert c.quantization.double_quant and not c.data.train_on_source
+
+
+def test_cli_command_reproduces_the_config():
+    import shlex
+
+    cfg = load_preset("cpu-quickstart").updated(lora_r=4, system_prompt="Talk like a pirate")
+    cmd = cli_command(cfg, preset="cpu-quickstart")
+    argv = shlex.split(cmd)[4:]
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset")
+    add_cli_flags(p)
+    args = p.parse_args(argv)
+    assert apply_cli_flags(load_preset(args.preset), args) == cfg

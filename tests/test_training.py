@@ -1,0 +1,207 @@
+"""Training on a tiny random Llama in NF4: loss falls, stop saves, resume continues, the generate trap."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_ui.config import RunConfig
+from qlora_ui.runs import RunDir
+from qlora_ui.training import TrainingJob
+
+ROWS = [{"instruction": f"Say the word number {i}.", "output": f"Arr! Number {i} it be, matey."} for i in range(40)]
+
+
+@pytest.fixture()
+def data_file(tmp_path) -> Path:
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def tiny_cfg(model_dir, data_file, tmp_path, **kw) -> RunConfig:
+    base = dict(base_model=str(model_dir), data_path=str(data_file), runs_dir=str(tmp_path / "runs"), name="t",
+                max_steps=8, batch_size=4, learning_rate=5e-3, lr_scheduler="constant", warmup_ratio=0.0,
+                lora_r=8, lora_alpha=16, lora_dropout=0.0, max_length=128, eval_fraction=0.1, eval_steps=4,
+                save_steps=4, logging_steps=1, gradient_checkpointing=False, optimizer="adamw_torch",
+                max_grad_norm=1.0)
+    base.update(kw)
+    return RunConfig().updated(**base)
+
+
+def steps_of(rows):
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def test_few_steps_finite_falling_loss_and_run_folder(tiny_model_dir, data_file, tmp_path):
+    job = TrainingJob(tiny_cfg(tiny_model_dir, data_file, tmp_path))
+    assert job.run_blocking() == "finished", job.error_message
+    run = job.run
+    rows = run.read_metrics()
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
+    for r in rows:
+        if "loss" in r:
+            assert {"step", "loss", "lr", "epoch", "tokens_per_s"} <= set(r)
+            assert r["tokens_per_s"] > 0
+    assert any("eval_loss" in r for r in rows)
+    assert run.read_status()["state"] == "finished"
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (run.path / "config.yaml").is_file() and run.config().lora.lora_r == 8
+    assert [c.name for c in run.checkpoints()] == ["checkpoint-4", "checkpoint-8"]
+    # the dataset travels with the run
+    assert Path(run.config().data.data_path).parent == run.data_dir
+
+
+def test_adapter_loads_with_peft_on_the_4bit_base(tiny_model_dir, data_file, tmp_path):
+    from peft import PeftModel
+
+    from qlora_ui.modeling import load_base_model
+
+    job = TrainingJob(tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=2, eval_fraction=0.0))
+    assert job.run_blocking() == "finished"
+    cfg = job.run.config()
+    base = load_base_model(str(tiny_model_dir), cfg.model, cfg.quantization)
+    model = PeftModel.from_pretrained(base, str(job.run.adapter_dir))
+    ids = torch.tensor([[1, 2, 3]])
+    out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == 6
+
+
+def test_stop_saves_adapter_and_resume_continues_the_steps(tiny_model_dir, data_file, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=30, save_steps=100, eval_steps=0)
+    job = TrainingJob(cfg).start()
+    deadline = time.time() + 120
+    while job.step < 3 and time.time() < deadline and job.alive:
+        time.sleep(0.05)
+    job.stop()
+    assert job.wait(120) == "stopped", job.error_message
+    run = job.run
+    stopped_at = job.step
+    assert 3 <= stopped_at < 30
+    assert run.read_status()["state"] == "stopped"
+    assert run.has_adapter()
+    assert run.last_checkpoint().name == f"checkpoint-{stopped_at}"  # stop also leaves a resumable checkpoint
+
+    resumed = TrainingJob(run=RunDir(run.path), resume=True)
+    assert resumed.run_blocking() == "finished", resumed.error_message
+    steps = steps_of(run.read_metrics())
+    assert steps == list(range(1, 31))  # no duplicate, no missing step across the resume
+
+
+def test_resume_drops_metrics_after_the_checkpoint(tiny_model_dir, data_file, tmp_path):
+    """A crash after checkpoint 4 but at step 6: the curve restarts cleanly from step 4."""
+    cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, save_steps=4, eval_steps=0)
+    job = TrainingJob(cfg)
+    job.run_blocking()
+    run = job.run
+    import shutil
+
+    shutil.rmtree(run.checkpoints_dir / "checkpoint-6")
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 7, "loss": 1.0')  # a torn line, as after kill -9
+    assert steps_of(run.read_metrics()) == [1, 2, 3, 4, 5, 6]  # torn line tolerated
+    run.write_status("running", "pretend crashed")
+    st = json.loads(run.status_path.read_text())
+    st["pid"] = 999_999  # a process that no longer exists
+    run.status_path.write_text(json.dumps(st))
+    assert run.read_status()["state"] == "interrupted"
+    again = TrainingJob(run=RunDir(run.path), resume=True)
+    assert again.run_blocking() == "finished"
+    assert steps_of(run.read_metrics()) == [1, 2, 3, 4, 5, 6]
+
+
+def test_eval_mid_training_keeps_lora_gradients(tiny_model_dir, data_file, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class GradProbe(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+            seen.append((state.global_step, len(grads), sum(g is None for g in grads),
+                         sum(float(g.abs().sum()) for g in grads if g is not None)))
+
+    cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, eval_steps=2)
+    job = TrainingJob(cfg, extra_callbacks=[GradProbe()])
+    assert job.run_blocking() == "finished", job.error_message
+    evals = [r["step"] for r in job.run.read_metrics() if "eval_loss" in r]
+    assert evals[:2] == [2, 4]
+    assert len(seen) == 6
+    for step, n, none, total in seen:
+        assert n > 0 and none == 0 and total > 0, (step, n, none, total)
+
+
+def test_nan_loss_fails_with_a_hint_and_keeps_checkpoint(tiny_model_dir, data_file, tmp_path):
+    from transformers import TrainerCallback
+
+    class PoisonWeights(TrainerCallback):
+        """Make the loss really NaN from step 3 on: a LoRA weight set to NaN."""
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, save_steps=2, eval_steps=0)
+    job = TrainingJob(cfg, extra_callbacks=[PoisonWeights()])
+    assert job.run_blocking() == "failed"
+    st = job.run.read_status()
+    assert st["state"] == "failed" and "nan" in st["message"].lower() and "learning_rate" in st["message"]
+    assert job.run.last_checkpoint().name == "checkpoint-2"
+
+
+def test_out_of_memory_fails_with_a_hint(tiny_model_dir, data_file, tmp_path):
+    from transformers import TrainerCallback
+
+    class OOM(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, save_steps=2, eval_steps=0)
+    job = TrainingJob(cfg, extra_callbacks=[OOM()])
+    assert job.run_blocking() == "failed"
+    msg = job.run.read_status()["message"]
+    assert "out of memory" in msg.lower() and "batch_size" in msg and "gradient_checkpointing" in msg
+
+
+def test_a_model_that_generated_is_never_trained(tiny_model_dir):
+    """The CPU trap: generate() repacks 4-bit weights; training that object gets None LoRA grads."""
+    from qlora_ui.chat import mark_generated
+    from qlora_ui.config import LoraConfig, ModelConfig, QuantConfig
+    from qlora_ui.modeling import load_base_model, prepare_for_training
+
+    m = load_base_model(str(tiny_model_dir), ModelConfig(), QuantConfig())
+    with torch.no_grad():
+        m.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+    mark_generated(m)
+    with pytest.raises(RuntimeError, match="generation"):
+        prepare_for_training(m, LoraConfig(), False, True)
+
+
+def test_chat_engine_and_training_use_separate_instances(tiny_model_dir, data_file, tmp_path):
+    """Chat generating in the same process must not break a later training's gradients."""
+    from qlora_ui.chat import ChatEngine, GenerationSettings
+
+    cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=2, eval_fraction=0.0)
+    engine = ChatEngine()
+    engine.load(cfg)
+    engine.reply([{"role": "user", "content": "hi"}], GenerationSettings(max_new_tokens=3), None)
+    from transformers import TrainerCallback
+
+    nones = []
+
+    class Probe(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            nones.append(sum(p.grad is None for n, p in model.named_parameters() if p.requires_grad))
+
+    job = TrainingJob(cfg, extra_callbacks=[Probe()])
+    assert job.run_blocking() == "finished"
+    assert nones == [0, 0]
