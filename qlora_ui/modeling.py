@@ -88,6 +88,25 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return name
 
 
+def preflight(cfg: ModelConfig) -> None:
+    """Refuse a bad model before a run folder is made: missing path, a file, pickle-only, remote code, offline hub."""
+    name = cfg.base_model.strip()
+    if not name:
+        raise ModelError("No base model given. Pick the bundled model, a local folder or a hub id.")
+    if name == BUNDLED_MODEL:
+        bundled_gguf_path()
+        return
+    p = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) or p.exists() or name.count("/") != 1:
+        resolve_model_path(cfg)
+    elif _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json", revision=cfg.revision), str):
+            raise ModelError(f"'{name}' looks like a hub id, but this machine is offline (HF_HUB_OFFLINE=1) and it "
+                             "is not in the local cache. Use the bundled model or a local folder.")
+
+
 def check_local_folder(p: Path, cfg: ModelConfig) -> None:
     if not (p / "config.json").is_file():
         raise ModelError(f"'{p}' has no config.json, so it is not a Hugging Face model folder.")

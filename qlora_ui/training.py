@@ -104,6 +104,10 @@ class TrainingJob:
         self.resume = resume
         self.cfg = run.config() if (resume and run is not None and cfg is None) else cfg
         self.cfg.validate(need_data=True)
+        if not resume:
+            from .modeling import preflight
+
+            preflight(self.cfg.model)  # a bad model is refused before a run folder exists
         self.run: RunDir = run if run is not None else create_run(self.cfg)
         if not resume:
             self.cfg = copy_dataset_into(self.run, self.cfg)

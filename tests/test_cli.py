@@ -1,0 +1,91 @@
+"""`python -m qlora_ui ...` end to end in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "qlora_ui", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def write_csv(path: Path, n: int = 24) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "completion"])
+        for i in range(n):
+            w.writerow([f"What is {i} plus one?", f"It is {i + 1}."])
+    return path
+
+
+def test_train_runs_lists_and_resumes(tiny_model_dir, tmp_path):
+    data = write_csv(tmp_path / "mine.csv")
+    runs = tmp_path / "runs"
+    out = cli("train", "--preset", "cpu-quickstart", "--data", data, "--model", tiny_model_dir, "--max-steps", 3,
+              "--lora-r", 4, "--save-steps", 2, "--runs-dir", runs, "--name", "cli", "--batch-size", 2)
+    assert out.returncode == 0, out.stderr
+    run = next(runs.iterdir())
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert "lora_r: 4" in (run / "config.yaml").read_text()
+    listed = cli("runs", "--runs-dir", runs)
+    assert run.name in listed.stdout and "finished" in listed.stdout
+
+    # resume a finished run with a higher step target: continues from checkpoint-3's step count
+    cfg = (run / "config.yaml").read_text().replace("max_steps: 3", "max_steps: 5")
+    (run / "config.yaml").write_text(cfg)
+    again = cli("train", "--resume", run)
+    assert again.returncode == 0, again.stderr
+    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 5
+
+
+def test_bad_settings_exit_2_with_every_problem_and_no_traceback(tmp_path):
+    data = write_csv(tmp_path / "d.csv")
+    out = cli("train", "--data", data, "--lora-r", 0, "--learning-rate", -1, "--lora-alpha", 0,
+              "--runs-dir", tmp_path / "r")
+    assert out.returncode == 2
+    assert "lora_r" in out.stderr and "learning_rate" in out.stderr and "lora_alpha" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_model_and_missing_data_are_clear(tmp_path):
+    data = write_csv(tmp_path / "d.csv")
+    out = cli("train", "--data", data, "--model", tmp_path / "nope", "--runs-dir", tmp_path / "r")
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+    out = cli("train", "--runs-dir", tmp_path / "r")
+    assert out.returncode == 2 and "--data" in out.stderr
+
+
+def test_pickle_only_and_remote_code_folders_are_refused(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    pick = tmp_path / "pickle-only"
+    pick.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", pick / "config.json")
+    (pick / "pytorch_model.bin").write_bytes(b"not really")
+    data = write_csv(tmp_path / "d.csv")
+    out = cli("train", "--data", data, "--model", pick, "--runs-dir", tmp_path / "r")
+    assert out.returncode == 2 and "pickle" in out.stderr and "allow_pickle" in out.stderr
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, remote)
+    conf = json.loads((remote / "config.json").read_text())
+    conf["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.Model"}
+    (remote / "config.json").write_text(json.dumps(conf))
+    out = cli("train", "--data", data, "--model", remote, "--runs-dir", tmp_path / "r")
+    assert out.returncode == 2 and "trust_remote_code" in out.stderr
+
+
+def test_unwritable_runs_dir_fails_before_training(tmp_path):
+    data = write_csv(tmp_path / "d.csv")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = cli("train", "--data", data, "--runs-dir", blocker / "runs")
+    assert out.returncode == 2 and "not writable" in out.stderr and "Traceback" not in out.stderr
