@@ -47,7 +47,7 @@ class ChatEngine:
     """One loaded 4-bit base with adapters switched on and off. Generation is serialised by a lock."""
 
     def __init__(self):
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()  # guards the model: loading, adapter switching, generating
         self.key: tuple | None = None
         self.model = None  # PeftModel once an adapter is loaded, else the base
         self.tokenizer = None
@@ -98,47 +98,53 @@ class ChatEngine:
         return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
 
     def stream(self, messages: list[dict], settings: GenerationSettings, adapter: str | None) -> Iterator[str]:
-        """Yield the reply text as it grows. `adapter=None` generates with the adapters switched off."""
+        """Yield the reply text as it grows. `adapter=None` generates with the adapters switched off.
+
+        The lock is taken inside the generation thread, never across a `yield`: Gradio may resume a
+        generator on another worker thread or abandon it when a browser leaves, and a lock held by a
+        suspended generator would block every later chat.
+        """
         import contextlib
 
         import torch
         from transformers import TextIteratorStreamer
 
-        with self.lock:
-            model, tok = self.model, self.tokenizer
-            inputs = self._prompt_ids(messages, settings)
-            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=300)
-            kwargs = dict(**inputs, streamer=streamer, max_new_tokens=int(settings.max_new_tokens),
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            if settings.temperature > 0:
-                kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            has_peft = hasattr(model, "disable_adapter")
-            if has_peft and adapter is not None:
-                model.set_adapter(adapter)
-            ctx = model.disable_adapter() if (has_peft and adapter is None) else contextlib.nullcontext()
-            error: list[BaseException] = []
+        inputs = self._prompt_ids(messages, settings)
+        tok = self.tokenizer
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=int(settings.max_new_tokens),
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        error: list[BaseException] = []
 
-            def work():
-                try:
+        def work():
+            try:
+                with self.lock:
+                    model = self.model
+                    has_peft = hasattr(model, "disable_adapter")
+                    if has_peft and adapter is not None:
+                        model.set_adapter(adapter)
+                    ctx = model.disable_adapter() if (has_peft and adapter is None) else contextlib.nullcontext()
+                    mark_generated(model)
                     with ctx, torch.no_grad():
                         torch.manual_seed(int(settings.seed))
                         model.generate(**kwargs)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
-                    error.append(e)
-                    streamer.end()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+                error.append(e)
+                streamer.end()
 
-            mark_generated(model)
-            t = threading.Thread(target=work, daemon=True)
-            t.start()
-            text = ""
-            for piece in streamer:
-                text += piece
-                yield text
-            t.join()
-            if error:
-                raise error[0]
+        t = threading.Thread(target=work, daemon=True, name="chat-generate")
+        t.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+        t.join()
+        if error:
+            raise error[0]
 
     def reply(self, messages: list[dict], settings: GenerationSettings, adapter: str | None) -> str:
         text = ""

@@ -52,8 +52,9 @@ def overlay_figure(runs: dict[str, list[dict[str, Any]]], title: str = "Loss by 
     return fig
 
 
-def length_histogram(lengths: list[int], max_length: int) -> go.Figure:
-    over = sum(1 for n in lengths if n > max_length)
+def length_histogram(lengths: list[int], max_length: int, over: int | None = None) -> go.Figure:
+    """Token lengths with the cutoff line; `over` = rows dropped as too long (their lengths may be absent)."""
+    over = sum(1 for n in lengths if n > max_length) if over is None else over
     fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(60, max(10, len(set(lengths)))), marker_color=COLORS[0],
                                  name="examples"))
     fig.add_vline(x=max_length, line_dash="dash", line_color=COLORS[1],

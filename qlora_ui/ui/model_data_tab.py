@@ -75,7 +75,7 @@ def inspect_upload(studio: Studio, cfg: RunConfig) -> tuple[str, Any, Any, str]:
                        max_length=d.max_length, system_prompt=d.system_prompt, train_on_source=d.train_on_source,
                        max_rows=d.max_rows)
     lengths = list(getattr(rep, "token_lengths", []) or [])
-    fig = length_histogram(lengths, d.max_length) if lengths else None
+    fig = length_histogram(lengths, d.max_length, over=rep.dropped.get("too_long", 0)) if lengths else None
     example = ""
     conv = getattr(rep, "example", None)
     if conv:
