@@ -23,7 +23,11 @@ class StudioBusy(RuntimeError):
 
 
 class Studio:
-    def __init__(self, runs_dir: str | Path = "runs", model_roots: list[str | Path] | None = None):
+    def __init__(self, runs_dir: str | Path = "runs", model_roots: list[str | Path] | None = None,
+                 presets_dir: str | Path | None = None):
+        from .config import PRESETS_DIR
+
+        self.presets_dir = Path(presets_dir) if presets_dir else PRESETS_DIR
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         # Folders a user may type model paths from; a typed path outside these is refused.

@@ -32,8 +32,8 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
     from ..config import RunConfig, list_presets, load_preset
 
     # The form opens on a preset (the quick start by default), so Start works with no typing at all.
-    preset = preset if preset in list_presets() else None
-    initial = load_preset(preset) if preset else RunConfig()
+    preset = preset if preset in list_presets(studio.presets_dir) else None
+    initial = load_preset(preset, studio.presets_dir) if preset else RunConfig()
     with gr.Blocks(title="QLoRA Studio") as demo:
         gr.Markdown("# QLoRA Studio\nFine-tune a 4-bit base model with LoRA adapters — on this machine.")
         with gr.Tabs():
@@ -79,8 +79,8 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
 
         # Presets
         preset_targets = [form[k] for k in keys]
-        tr["preset"].change(partial(h.apply_preset, keys=keys), tr["preset"], preset_targets)
-        tr["save_preset"].click(partial(h.save_as_preset, keys), [tr["preset_name"]] + inputs, tr["preset"])
+        tr["preset"].change(partial(h.apply_preset, studio, keys), tr["preset"], preset_targets)
+        tr["save_preset"].click(partial(h.save_as_preset, studio, keys), [tr["preset_name"]] + inputs, tr["preset"])
 
         # Training
         tr["start"].click(partial(h.start_training, studio, keys), inputs, tr["progress"])

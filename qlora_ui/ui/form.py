@@ -10,7 +10,7 @@ from typing import Any, get_args, get_origin
 
 import gradio as gr
 
-from ..config import FIELD_INDEX, ConfigError, RunConfig, choices, field_type
+from ..config import FIELD_INDEX, ConfigError, RunConfig, choices, field_type, validate_fields
 
 # Visible names that tests and external clients rely on: keep them stable.
 LABELS = {
@@ -73,6 +73,7 @@ def cfg_from_values(keys: list[str], values: list[Any], base: RunConfig | None =
         updates[k] = v
     try:
         cfg = base.updated(**updates)
+        problems += validate_fields(cfg)  # range problems too, so one message lists everything
     except ConfigError as e:
         problems += e.problems
         cfg = None

@@ -58,11 +58,11 @@ def inspect_data(studio: Studio, keys: list[str], *values) -> tuple:
 
 # ---- presets ----
 
-def apply_preset(name: str | None, keys: list[str]) -> list[Any]:
+def apply_preset(studio: Studio, keys: list[str], name: str | None) -> list[Any]:
     if not name:
         return [gr.skip()] * len(keys)
     try:
-        cfg = load_preset(name)
+        cfg = load_preset(name, studio.presets_dir)
     except ConfigError as e:
         raise to_gr_error(e) from None
     vals = form_values(cfg, keys)
@@ -70,16 +70,16 @@ def apply_preset(name: str | None, keys: list[str]) -> list[Any]:
     return [gr.skip() if (k == "data_path" and v is None) else v for k, v in zip(keys, vals)]
 
 
-def save_as_preset(keys: list[str], name: str, *values) -> Any:
+def save_as_preset(studio: Studio, keys: list[str], name: str, *values) -> Any:
+    from ..config import list_presets
+
     cfg = config_from(keys, values)
     try:
-        path = save_preset(cfg, (name or "").strip())
+        path = save_preset(cfg, (name or "").strip(), studio.presets_dir)
     except ConfigError as e:
         raise to_gr_error(e) from None
     gr.Info(f"Saved preset {path.stem}")
-    from ..config import list_presets
-
-    return gr.update(choices=list_presets(), value=path.stem)
+    return gr.update(choices=list_presets(studio.presets_dir), value=path.stem)
 
 
 # ---- training ----

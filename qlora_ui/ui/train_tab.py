@@ -44,7 +44,7 @@ def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> d
         return component_for(key, value=initial.get(key), **kw)
 
     with gr.Row():
-        presets = list_presets()
+        presets = list_presets(studio.presets_dir)
         c["preset"] = gr.Dropdown(choices=presets, value=preset,
                                   label="Preset", info="Loads a saved recipe into the form.", scale=2)
         c["name"] = comp("name", scale=2)

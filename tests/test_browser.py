@@ -1,0 +1,191 @@
+"""The app in headless Chromium: upload → train → live curve → reload → stop → chat (streamed) → compare → runs.
+
+Starts `python app.py` on a free port with a tiny random Llama as the model, as a user would.
+Screenshots go to $QLORA_SCREENSHOTS (docs/screenshots when refreshing the README's pictures) or tmp.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(tmp: Path, model_dir: Path | None, *extra: str, env_extra: dict | None = None):
+    port = free_port()
+    models = tmp / "models"
+    models.mkdir(exist_ok=True)
+    if model_dir is not None and not (models / "tiny").exists():
+        shutil.copytree(model_dir, models / "tiny")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           **(env_extra or {})}
+    log = open(tmp / f"app-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(tmp / "runs"),
+                             "--model-root", str(models), *extra], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    import urllib.request
+
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited: {(tmp / f'app-{port}.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("app did not start in 120 s")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: `apt-get install -y chromium` (make test does this as root).")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("app")
+    proc, url = start_app(tmp, tiny_model_dir)
+    yield url, tmp
+    proc.terminate()
+    proc.wait(20)
+
+
+def shots_dir(tmp: Path) -> Path:
+    d = Path(os.environ.get("QLORA_SCREENSHOTS") or tmp / "shots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def plot_points(page) -> int:
+    """Points of the train-loss trace in the live plotly chart."""
+    return page.locator("#train-plot .scatterlayer .trace").first.locator("path.point").count()
+
+
+def use_tiny_model(page, models_root: Path):
+    box = page.get_by_label("Base model")
+    box.click()
+    box.fill(str(models_root / "tiny"))
+    box.press("Enter")
+
+
+def test_upload_train_reload_stop_chat_compare(browser, app):
+    url, tmp = app
+    shots = shots_dir(tmp)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    # The form opens on the quick-start preset with its bundled dataset already understood.
+    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+
+    # Model & Data: upload our own file and see it understood.
+    use_tiny_model(page, tmp / "models")
+    page.locator("#dataset-file button[aria-label='Clear']").click()
+    page.set_input_files("#dataset-file input[type=file]", str(DATA / "alpaca.json"))
+    page.wait_for_selector("#data-summary:has-text('Format: alpaca')", timeout=60_000)
+    page.wait_for_selector("#data-example .qs-trained", timeout=30_000)
+    assert page.locator("#data-example .qs-masked").count() > 0  # prompt tokens shown as masked
+    assert page.locator("#length-hist .main-svg").count() > 0  # the token-length histogram rendered
+    page.screenshot(path=str(shots / "model-data.png"), full_page=True)
+
+    # Train: a short run; the loss chart gains points while it runs.
+    page.get_by_role("tab", name="Train").click()
+    steps = page.get_by_label("Max steps")
+    steps.fill("60")
+    steps.press("Tab")
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
+    deadline = time.time() + 120
+    while plot_points(page) < 3 and time.time() < deadline:
+        time.sleep(0.5)
+    first = plot_points(page)
+    assert first >= 3
+    deadline = time.time() + 60
+    while plot_points(page) <= first and time.time() < deadline:
+        time.sleep(0.5)
+    assert plot_points(page) > first, "the live chart stopped gaining points"
+    page.screenshot(path=str(shots / "train.png"), full_page=True)
+
+    # A second Start while running is refused with a message, not a second job.
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_selector("text=already in progress", timeout=20_000)
+
+    # Reload mid-run: the page reattaches to the job and shows the whole curve again.
+    before = plot_points(page)
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    deadline = time.time() + 30
+    while plot_points(page) < before and time.time() < deadline:
+        time.sleep(0.5)
+    assert plot_points(page) >= before
+
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_selector("#train-progress [data-state=stopped]", timeout=90_000)
+    runs = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Chat with the adapter: text arrives streamed (grows over several updates).
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="↻ Refresh runs").click()
+    page.get_by_label("Run", exact=True).click()
+    page.get_by_role("option", name=runs[0].name).click()
+    page.wait_for_function("document.querySelector('#chat-run input').value.length > 0")
+    page.get_by_role("textbox", name="Message").fill("Tell me a joke")
+    page.get_by_role("button", name="Send").click()
+    lengths = set()
+    deadline = time.time() + 90
+    bot = page.locator("#chatbot [data-testid=bot]")
+    while time.time() < deadline:
+        if bot.count():
+            lengths.add(len(bot.last.inner_text()))
+        if page.locator("#chatbot .progress-text, #chatbot .eta-bar").count() == 0 and len(lengths) > 1 \
+                and bot.count():
+            break
+        time.sleep(0.05)
+    assert bot.count() == 1 and len(bot.last.inner_text()) > 0
+    assert len({n for n in lengths if n > 0}) >= 2, f"reply was not streamed: {lengths}"
+
+    # Compare with base: both answers for the same prompt and seed.
+    page.get_by_role("textbox", name="Message").fill("Tell me a joke")
+    page.get_by_role("button", name="Compare with base").click()
+    page.wait_for_function("document.querySelector('#cmp-adapter textarea').value.length > 0", timeout=90_000)
+    assert page.locator("#cmp-base textarea").input_value()
+    page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+    # Runs: the run is listed with its status, and the CLI command that reproduces it.
+    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("button", name="↻ Refresh").click()
+    page.wait_for_selector(f"#runs-table :text('{runs[0].name}')", timeout=30_000)
+    page.get_by_label("Run", exact=True).last.click()
+    page.get_by_role("option", name=runs[0].name).click()
+    page.wait_for_selector("text=python -m qlora_ui train", timeout=30_000)
+    page.screenshot(path=str(shots / "runs.png"), full_page=True)
+    page.close()

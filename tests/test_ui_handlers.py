@@ -1,0 +1,146 @@
+"""UI handlers without a browser: form → config, errors as gr.Error, one job per app, confined paths."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from qlora_ui.config import RunConfig, load_preset
+from qlora_ui.studio import Studio
+from qlora_ui.ui import handlers as h
+from qlora_ui.ui.app import FORM_KEYS
+from qlora_ui.ui.form import form_values
+
+DATA = Path(__file__).parent / "data"
+
+
+def values_for(cfg: RunConfig) -> list:
+    return form_values(cfg, FORM_KEYS)
+
+
+@pytest.fixture()
+def studio(tmp_path, tiny_model_dir):
+    return Studio(tmp_path / "runs", model_roots=[tiny_model_dir])
+
+
+def tiny(tiny_model_dir, **kw) -> RunConfig:
+    base = dict(base_model=str(tiny_model_dir), data_path=str(DATA / "alpaca.json"), max_steps=200, batch_size=2,
+                eval_fraction=0.0, gradient_checkpointing=False, optimizer="adamw_torch", save_steps=50)
+    base.update(kw)
+    return load_preset("cpu-quickstart").updated(**base)
+
+
+def test_form_values_round_trip_to_the_same_config(tiny_model_dir):
+    cfg = tiny(tiny_model_dir, column_map={"q": "instruction"})
+    again = h.config_from(FORM_KEYS, tuple(values_for(cfg)))
+    assert again == cfg.updated(runs_dir=again.runs_dir)
+
+
+def test_bad_form_values_raise_one_gr_error_naming_each(tiny_model_dir):
+    vals = values_for(tiny(tiny_model_dir))
+    vals[FORM_KEYS.index("lora_r")] = 0
+    vals[FORM_KEYS.index("learning_rate")] = 5.0
+    vals[FORM_KEYS.index("batch_size")] = None
+    with pytest.raises(gr.Error) as e:
+        h.config_from(FORM_KEYS, tuple(vals))
+    msg = str(e.value.message)
+    assert "lora_r" in msg and "learning_rate" in msg and "Batch size" in msg
+
+
+def test_inspect_reports_a_bad_file_in_place(studio, tiny_model_dir, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"instruction": "a", "output": ')
+    vals = values_for(tiny(tiny_model_dir, data_path=str(bad)))
+    summary, df, fig, example, quant = h.inspect_data(studio, FORM_KEYS, *vals)
+    assert summary.startswith("**Could not use this file.**") and "JSON" in summary
+    assert df is None and fig is None
+
+
+def test_inspect_shows_format_histogram_and_masked_example(studio, tiny_model_dir):
+    vals = values_for(tiny(tiny_model_dir))
+    summary, df, fig, example, quant = h.inspect_data(studio, FORM_KEYS, *vals)
+    assert "alpaca" in summary and len(df) > 0 and fig is not None
+    assert "qs-trained" in example and "qs-masked" in example
+
+
+def test_one_training_per_app_and_poll_reattaches(studio, tiny_model_dir):
+    vals = values_for(tiny(tiny_model_dir))
+    h.start_training(studio, FORM_KEYS, *vals)
+    with pytest.raises(gr.Error, match="already in progress"):
+        h.start_training(studio, FORM_KEYS, *vals)
+    deadline = time.time() + 120
+    while studio.job.step < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    prog, fig, log, seen = h.poll_training(studio, None)
+    assert 'data-state="running"' in prog and fig is not None and "training" in log
+    # a second session (fresh state) gets the whole curve too; an unchanged poll skips the redraw
+    prog2, fig2, _, seen2 = h.poll_training(studio, None)
+    assert fig2 is not None
+    run = studio.job.run
+    with pytest.raises(gr.Error, match="training right now"):
+        h.delete_run(studio, run.name)
+    h.stop_training(studio)
+    assert studio.job.wait(60) == "stopped"
+    assert run.has_adapter()
+    df, *_ = h.runs_table(studio)
+    assert run.name in set(df["name"]) and "stopped" in set(df["status"])
+    details, cmd, dl = h.run_details(studio, run.name)
+    assert cmd.startswith("python -m qlora_ui train") and dl["value"].endswith(".zip")
+    h.delete_run(studio, run.name)
+    assert not run.path.exists()
+
+
+def test_run_names_cannot_escape_the_runs_dir(studio, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("name: x\n")
+    for name in ["../elsewhere", str(outside), "../../etc"]:
+        with pytest.raises(Exception):
+            run = studio.open(name)
+            assert outside not in run.path.parents and run.path != outside
+            raise AssertionError("opened")
+
+
+def test_typed_model_paths_are_confined_to_model_roots(studio, tmp_path):
+    from qlora_ui.config import ConfigError
+
+    with pytest.raises(ConfigError, match="outside the folders"):
+        studio.check_model_path(str(tmp_path))
+    with pytest.raises(ConfigError):
+        studio.check_model_path("/etc")
+
+
+def test_presets_fill_the_form_and_save_as_preset(tmp_path, tiny_model_dir):
+    import shutil
+
+    from qlora_ui import config
+
+    presets = tmp_path / "presets"
+    shutil.copytree(config.PRESETS_DIR, presets, ignore=shutil.ignore_patterns("data"))
+    studio = Studio(tmp_path / "runs", presets_dir=presets)
+    vals = h.apply_preset(studio, FORM_KEYS, "qlora-paper")
+    assert vals[FORM_KEYS.index("lora_r")] == 64 and vals[FORM_KEYS.index("lora_alpha")] == 16
+    cfg_vals = values_for(tiny(tiny_model_dir, lora_r=12))
+    upd = h.save_as_preset(studio, FORM_KEYS, "mine", *cfg_vals)
+    assert "mine" in upd["choices"] and config.load_yaml(presets / "mine.yaml").lora.lora_r == 12
+    with pytest.raises(gr.Error):
+        h.save_as_preset(studio, FORM_KEYS, "../evil", *cfg_vals)
+    assert not (tmp_path / "evil.yaml").exists()
+
+
+def test_metrics_file_torn_line_does_not_break_polling(studio, tiny_model_dir):
+    from qlora_ui.runs import create_run
+
+    cfg = tiny(tiny_model_dir, runs_dir=str(studio.runs_dir))
+    run = create_run(cfg)
+    run.append_metrics({"step": 1, "loss": 2.0})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 2, "lo')
+    assert [r["step"] for r in run.read_metrics()] == [1]
+    fig = h.overlay(studio, [run.name])
+    assert len(fig.data) == 1
+    assert json.loads(run.status_path.read_text())["state"] == "created"
