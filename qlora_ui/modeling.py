@@ -171,6 +171,8 @@ def load_base_model(path: str, m: ModelConfig, q: QuantConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if m.trust_remote_code:
+        log.warning("trust_remote_code is on: running Python code shipped with %s", path)
     kwargs = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, device_map=device_map(),
                   use_safetensors=None if m.allow_pickle else True)
     if q.load_in_4bit:

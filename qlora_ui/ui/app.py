@@ -56,9 +56,11 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         for k in ["data_path", "data_format", "column_map", "max_length", "train_on_source", "system_prompt",
                   "base_model", "max_rows"]:
             ev = form[k].upload if k == "data_path" else (form[k].change if k != "column_map" else form[k].blur)
-            ev(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="minimal")
+            ev(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="minimal",
+               api_name="inspect_data" if k == "data_path" else False)
         for k in QUANT_KEYS:
-            form[k].change(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="hidden")
+            form[k].change(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="hidden",
+                           api_name=False)
 
         # Memory plan, refreshed when any setting that changes memory changes.
         from .memory_panel import update_memory_panel
@@ -75,47 +77,51 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
 
         for k in ["base_model", "lora_r", "batch_size", "max_length", "optimizer", "gradient_checkpointing",
                   "quant_type", "double_quant", "load_in_4bit", "compute_dtype"]:
-            form[k].change(refresh_memory, inputs, mem_out, show_progress="hidden")
+            form[k].change(refresh_memory, inputs, mem_out, show_progress="hidden", api_name=False)
 
         # Presets
         preset_targets = [form[k] for k in keys]
-        tr["preset"].change(partial(h.apply_preset, studio, keys), tr["preset"], preset_targets)
-        tr["save_preset"].click(partial(h.save_as_preset, studio, keys), [tr["preset_name"]] + inputs, tr["preset"])
+        tr["preset"].change(partial(h.apply_preset, studio, keys), tr["preset"], preset_targets, api_name="load_preset")
+        tr["save_preset"].click(partial(h.save_as_preset, studio, keys), [tr["preset_name"]] + inputs, tr["preset"],
+                                api_name="save_preset")
 
         # Training
-        tr["start"].click(partial(h.start_training, studio, keys), inputs, tr["progress"])
-        tr["stop"].click(partial(h.stop_training, studio), None, None)
-        tr["resume_run"].change(partial(h.resume_info, studio), tr["resume_run"], tr["resume_info"])
-        tr["resume"].click(partial(h.resume_training, studio), tr["resume_run"], tr["progress"])
+        # Stable API names: scripts drive the app with gradio_client (see README).
+        tr["start"].click(partial(h.start_training, studio, keys), inputs, tr["progress"], api_name="start_training")
+        tr["stop"].click(partial(h.stop_training, studio), None, None, api_name="stop_training")
+        tr["resume_run"].change(partial(h.resume_info, studio), tr["resume_run"], tr["resume_info"], api_name=False)
+        tr["resume"].click(partial(h.resume_training, studio), tr["resume_run"], tr["progress"],
+                           api_name="resume_training")
         tr["timer"].tick(partial(h.poll_training, studio), tr["seen"],
-                         [tr["progress"], tr["plot"], tr["log"], tr["seen"]], show_progress="hidden")
+                         [tr["progress"], tr["plot"], tr["log"], tr["seen"]], show_progress="hidden", api_name=False)
 
         # Chat
         chat_settings = [ch["run"], ch["checkpoint"], ch["system"], ch["temperature"], ch["top_p"],
                          ch["max_new_tokens"], ch["seed"]]
-        ch["refresh"].click(partial(h.chat_runs, studio), None, ch["run"])
-        ch["run"].change(partial(h.adapter_options, studio), ch["run"], ch["checkpoint"])
+        ch["refresh"].click(partial(h.chat_runs, studio), None, ch["run"], api_name=False)
+        ch["run"].change(partial(h.adapter_options, studio), ch["run"], ch["checkpoint"], api_name=False)
         send_args = dict(fn=partial(h.send_message, studio), inputs=chat_settings + [ch["msg"], ch["history"]],
                          outputs=[ch["chatbot"], ch["msg"], ch["history"]])
-        ch["send"].click(**send_args)
-        ch["msg"].submit(**send_args)
+        ch["send"].click(**send_args, api_name="chat")
+        ch["msg"].submit(**send_args, api_name=False)
         ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"]],
-                            [ch["cmp_base"], ch["cmp_adapter"]])
+                            [ch["cmp_base"], ch["cmp_adapter"]], api_name="compare_with_base")
         ch["clear"].click(lambda: ([], [], "", ""), None, [ch["chatbot"], ch["history"], ch["cmp_base"],
-                                                          ch["cmp_adapter"]])
+                                                          ch["cmp_adapter"]], api_name=False)
 
         # Runs
         table_out = [rn["table"], rn["selected"], rn["run"], tr["resume_run"]]
-        rn["refresh"].click(partial(h.runs_table, studio), None, table_out)
-        rn["selected"].change(partial(h.overlay, studio), rn["selected"], rn["overlay"])
-        rn["run"].change(partial(h.run_details, studio), rn["run"], [rn["details"], rn["command"], rn["download"]])
-        rn["resume"].click(partial(h.resume_training, studio), rn["run"], tr["progress"])
-        rn["delete"].click(partial(h.delete_run, studio), rn["run"], None).then(
-            partial(h.runs_table, studio), None, table_out)
+        rn["refresh"].click(partial(h.runs_table, studio), None, table_out, api_name="list_runs")
+        rn["selected"].change(partial(h.overlay, studio), rn["selected"], rn["overlay"], api_name=False)
+        rn["run"].change(partial(h.run_details, studio), rn["run"], [rn["details"], rn["command"], rn["download"]],
+                         api_name="run_details")
+        rn["resume"].click(partial(h.resume_training, studio), rn["run"], tr["progress"], api_name=False)
+        rn["delete"].click(partial(h.delete_run, studio), rn["run"], None, api_name="delete_run").then(
+            partial(h.runs_table, studio), None, table_out, api_name=False)
 
         # On page load (and reload): fill the lists and the memory plan, reattach to a running job.
-        demo.load(partial(h.runs_table, studio), None, table_out)
-        demo.load(partial(h.chat_runs, studio), None, ch["run"])
-        demo.load(refresh_memory, inputs, mem_out)
-        demo.load(partial(h.inspect_data, studio, keys), inputs, inspect_out)
+        demo.load(partial(h.runs_table, studio), None, table_out, api_name=False)
+        demo.load(partial(h.chat_runs, studio), None, ch["run"], api_name=False)
+        demo.load(refresh_memory, inputs, mem_out, api_name=False)
+        demo.load(partial(h.inspect_data, studio, keys), inputs, inspect_out, api_name=False)
     return demo

@@ -92,6 +92,8 @@ def start_training(studio: Studio, keys: list[str], *values) -> str:
         job = studio.start(cfg)
     except user_errors() as e:
         raise to_gr_error(e) from None
+    if cfg.model.trust_remote_code:
+        gr.Warning("trust_remote_code is on: the model folder's own Python code will run. Only for models you trust.")
     gr.Info(f"Started {job.run.name}")
     return progress_html("running", 0, cfg.training.max_steps, None, None, job.run.name, "starting…")
 
