@@ -53,14 +53,13 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
 
         # Model & Data: re-inspect the dataset whenever something that changes the preview changes.
         inspect_out = [md["data_summary"], md["data_preview"], md["data_hist"], md["data_example"], md["quant_info"]]
-        for k in ["data_path", "data_format", "column_map", "max_length", "train_on_source", "system_prompt",
-                  "base_model", "max_rows"]:
-            ev = form[k].upload if k == "data_path" else (form[k].change if k != "column_map" else form[k].blur)
-            ev(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="minimal",
-               api_name="inspect_data" if k == "data_path" else False)
-        for k in QUANT_KEYS:
-            form[k].change(partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="hidden",
-                           api_name=False)
+        # One listener for every trigger, run one at a time with the latest values: a slow inspection
+        # started by an earlier change can never overwrite the result of a later upload.
+        triggers = [form["data_path"].upload, form["data_path"].clear, form["column_map"].blur] + [
+            form[k].change for k in ["data_format", "max_length", "train_on_source", "system_prompt", "base_model",
+                                     "max_rows", *QUANT_KEYS]]
+        gr.on(triggers, partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="minimal",
+              concurrency_limit=1, trigger_mode="always_last", api_name="inspect_data")
 
         # Memory plan, refreshed when any setting that changes memory changes.
         from .memory_panel import update_memory_panel

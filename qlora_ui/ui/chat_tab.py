@@ -25,7 +25,8 @@ def build_chat_tab() -> dict[str, Any]:
             c["temperature"] = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
                                          info="0 = greedy (same answer every time)")
             c["top_p"] = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
-            c["max_new_tokens"] = gr.Slider(8, 1024, value=96, step=8, label="Max new tokens")
+            c["max_new_tokens"] = gr.Slider(8, 1024, value=96, step=8, label="Max new tokens",
+                                          elem_id="max-new-tokens")
     c["chatbot"] = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
     with gr.Row():
         c["msg"] = gr.Textbox(label="Message", placeholder="Ask something…", scale=5, elem_id="chat-msg")

@@ -37,9 +37,12 @@ def quant_summary(cfg: RunConfig) -> str:
     qb = br.get(key, {})
     qw = (qb.get("weights") or 0) + (qb.get("quant_constants") or 0)
     line = ""
-    if full and qw:
-        line = (f"**{q.quant_type.upper()}{' + double quant' if q.double_quant else ''}**: base weights "
-                f"**{qw:.2f} GB** instead of {full:.2f} GB in 16-bit — saves **{100 * (1 - qw / full):.0f}%**. ")
+    name = f"**{q.quant_type.upper()}{' + double quant' if q.double_quant else ''}**"
+    if full and qw and qw < full:
+        line = (f"{name}: base weights **{qw:.3f} GB** instead of {full:.3f} GB in 16-bit — saves "
+                f"**{100 * (1 - qw / full):.0f}%**. ")
+    elif full and qw:
+        line = f"{name}: no saving on a model this small (its embeddings stay 16-bit). "
     if not q.load_in_4bit:
         line = "4-bit is off: this trains 16-bit LoRA on a bf16/fp32 base (no quantization saving). "
     return line + (f"Training total: QLoRA {js['qlora_gb']:.2f} GB vs 16-bit LoRA {js['lora_16bit_gb']:.2f} GB vs "

@@ -1,0 +1,719 @@
+""""Will it fit?": training-memory estimates from a model config alone (no weights are loaded).
+
+Four methods are compared, each split into the same six parts (docs/memory.md has the derivations and the
+measurements that check them):
+
+    weights          frozen or trained base weights
+    quant_constants  NF4 block constants (absmax), QLoRA only
+    adapter          LoRA A/B matrices
+    gradients        one gradient per *trainable* parameter
+    optimizer        Adam's two moments per trainable parameter
+    activations      tensors autograd keeps for backward, plus the largest transient buffers
+
+Numbers follow Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs" (arXiv:2305.14314):
+
+* Full 16-bit fine-tuning of LLaMA-65B "requires more than 780 GB of GPU memory" (Sec. 1). That figure is
+  16-bit weights + 16-bit gradients + 32-bit Adam moments: 2 + 2 + 8 = 12 bytes/param x 65B = 780 GB
+  (mixed precision with an fp32 master copy would be 16 bytes/param; the paper's figure does not include one).
+* NF4 stores 4 bits per weight plus one fp32 absmax per block of 64: 32/64 = 0.5 bits/param. Double
+  quantization stores the absmax as 8-bit floats in blocks of 256 with one fp32 constant each:
+  8/64 + 32/(64*256) = 0.127 bits/param, a saving of 0.373 bits/param, ~3 GB at 65B (Sec. 3).
+* LoRA gradients and optimizer state exist only for adapter weights (Sec. 2); paged optimizers (Sec. 3) keep
+  the optimizer state in CUDA unified memory, so on a GPU it can spill to CPU RAM under pressure.
+
+GB here are 10^9 bytes, as in the paper's 780 GB. The engine never imports gradio; torch is imported only to
+detect the device, so planning works without a GPU and without loading a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .config import BUNDLED_MODEL, RunConfig
+
+GB = 1e9
+SHAPES_FILE = Path(__file__).resolve().parent / "model_shapes.json"
+
+PARTS = ("weights", "quant_constants", "adapter", "gradients", "optimizer", "activations")
+METHODS = {
+    "full_finetune": "Full 16-bit fine-tuning",
+    "lora_16bit": "16-bit LoRA",
+    "qlora_no_double_quant": "QLoRA (NF4)",
+    "qlora": "QLoRA (NF4 + double quant)",
+}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# NF4: 4 bits per weight; one fp32 absmax per 64 weights (32/64 bits); with double quantization the absmax is
+# 8-bit in blocks of 256 with an fp32 second-level constant: 8/64 + 32/(64*256) bits (QLoRA Sec. 3).
+NF4_BITS = 4.0
+BLOCK = 64
+BLOCK2 = 256
+CONST_BITS_SINGLE = 32 / BLOCK
+CONST_BITS_DOUBLE = 8 / BLOCK + 32 / (BLOCK * BLOCK2)
+
+# "fits" leaves this share of the device free: CUDA context (~0.5 GB), allocator fragmentation and the
+# estimate's own error (measured within 30%, docs/memory.md).
+FIT_SHARE = 0.9
+
+# Measured on CPU (bench/measure_memory.py): RSS a first training step adds that no tensor accounts for —
+# autograd engine, bitsandbytes/oneDNN kernels and thread pools, glibc arenas. Not present on CUDA, where
+# torch.cuda.max_memory_allocated counts tensors only.
+CPU_RUNTIME_BYTES = 25e6
+# glibc's largest dynamic mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX = 32 MiB), and the share of the
+# per-layer tensors below it that stays in the heap after being freed (cpu_allocator_slack).
+GLIBC_MMAP_MAX = 32 * 2**20
+CPU_SLACK_SHARE = 0.45
+
+
+class ShapeError(ValueError):
+    """A model name the planner cannot turn into a shape, with the names it knows."""
+
+
+# ---------------------------------------------------------------- shapes
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tie_embeddings: bool
+    head_dim: int = 0  # 0 = hidden // heads
+    attention_bias: bool = False
+    gated_mlp: bool = True  # SwiGLU (gate, up, down) as in LLaMA; False = two-matrix MLP (up, down)
+    hub_ids: tuple[str, ...] = ()
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder block."""
+        h, q, kv, i = self.hidden, self.heads * self.hd, self.kv_heads * self.hd, self.intermediate
+        out = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        if self.gated_mlp:
+            out["gate_proj"] = (h, i)
+        out.update(up_proj=(h, i), down_proj=(i, h))
+        return out
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per module kind, all layers together."""
+        lin = self.linears()
+        attn = sum(a * b for k, (a, b) in lin.items() if k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if self.attention_bias:  # Qwen2 has q/k/v biases
+            attn += self.heads * self.hd + 2 * self.kv_heads * self.hd
+        mlp = sum(a * b for k, (a, b) in lin.items() if k in ("gate_proj", "up_proj", "down_proj"))
+        emb = self.vocab * self.hidden
+        return {
+            "embeddings": emb,
+            "attention": attn * self.layers,
+            "mlp": mlp * self.layers,
+            "norms": self.hidden * (2 * self.layers + 1),
+            "lm_head": 0 if self.tie_embeddings else emb,
+        }
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.param_counts().values())
+
+    @property
+    def quantized_params(self) -> int:
+        """Weights bitsandbytes stores in 4 bits: every linear layer in the blocks (not embeddings, lm_head,
+        norms or biases; transformers keeps the output layer in 16 bits)."""
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    def lora_params(self, rank: int, targets: str = "all-linear") -> int:
+        return self.layers * sum(rank * (a + b) for a, b in self._targets(targets).values())
+
+    def _targets(self, targets: str) -> dict[str, tuple[int, int]]:
+        lin = self.linears()
+        if targets.strip() == "all-linear":
+            return lin
+        # peft matches a target against the end of the module name, so "q_proj" and "self_attn.q_proj" match.
+        wanted = {t.strip().rsplit(".", 1)[-1] for t in targets.split(",") if t.strip()}
+        return {k: v for k, v in lin.items() if k in wanted}
+
+
+def _load_shapes() -> dict[str, ModelShape]:
+    raw = json.loads(SHAPES_FILE.read_text(encoding="utf-8"))
+    return {name: shape_from_config(d, name) for name, d in raw.items() if not name.startswith("_")}
+
+
+def known_shapes() -> list[str]:
+    return sorted(SHAPES)
+
+
+def shape_from_config(conf: dict, name: str = "local") -> ModelShape:
+    """A shape from a Hugging Face config.json dict (Llama-style keys, GPT-2-style as a fallback)."""
+    conf = conf.get("text_config", conf) if "hidden_size" not in conf and "n_embd" not in conf else conf
+
+    def pick(*keys: str, default=None):
+        for k in keys:
+            if conf.get(k) is not None:
+                return conf[k]
+        return default
+
+    hidden = pick("hidden_size", "n_embd", "d_model")
+    layers = pick("num_hidden_layers", "n_layer", "num_layers")
+    heads = pick("num_attention_heads", "n_head")
+    vocab = pick("vocab_size")
+    missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
+                              ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
+    if missing:
+        raise ShapeError(f"config for '{name}' lacks {', '.join(missing)}; cannot estimate its memory.")
+    model_type = str(conf.get("model_type", "")).lower()
+    gated = model_type not in ("gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "gpt_bigcode")
+    return ModelShape(
+        name=name,
+        hidden=int(hidden),
+        intermediate=int(pick("intermediate_size", "n_inner", "ffn_dim", default=4 * int(hidden)) or 4 * hidden),
+        layers=int(layers),
+        heads=int(heads),
+        kv_heads=int(pick("num_key_value_heads", "num_kv_heads", default=heads)),
+        vocab=int(vocab),
+        # transformers' LlamaConfig defaults to untied; counting an untied head is the safe side.
+        tie_embeddings=bool(pick("tie_word_embeddings", default=False)),
+        head_dim=int(pick("head_dim", default=0) or 0),
+        attention_bias=bool(pick("attention_bias", default=model_type == "qwen2")),
+        gated_mlp=gated,
+        hub_ids=tuple(conf.get("hub_ids", ())),
+    )
+
+
+SHAPES: dict[str, ModelShape] = _load_shapes()
+
+
+def resolve_shape(model: str) -> ModelShape:
+    """A shape name ("llama-65b"), a hub id that maps to one, the bundled model (its shape, without converting
+    it), a local folder (or its config.json), or a hub id already in the local Hugging Face cache."""
+    name = (model or "").strip()
+    low = name.lower()
+    if name == BUNDLED_MODEL or low in ("bundled", "smollm2-135m-instruct"):
+        return SHAPES["smollm2-135m"]
+    if low in SHAPES:
+        return SHAPES[low]
+    for shape in SHAPES.values():
+        if low in (h.lower() for h in shape.hub_ids):
+            return shape
+    p = Path(name).expanduser()
+    conf_file = p if p.name == "config.json" else p / "config.json"
+    if conf_file.is_file():
+        return shape_from_config(json.loads(conf_file.read_text(encoding="utf-8")), p.name or name)
+    if p.exists():
+        raise ShapeError(f"'{name}' has no config.json, so the planner cannot read its shape.")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        cached = _hub_cached_config(name)
+        if cached is not None:
+            return shape_from_config(json.loads(cached.read_text(encoding="utf-8")), name)
+    raise ShapeError(f"unknown model '{name}'. Known shapes: {', '.join(known_shapes())}; "
+                     "or give a local folder with config.json.")
+
+
+def _hub_cached_config(repo_id: str) -> Path | None:
+    # Offline by design: only a config.json the user has already downloaded is read.
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # invalid repo id syntax and the like: just "not cached"
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+# ---------------------------------------------------------------- settings
+
+Device = Literal["cuda", "cpu"]
+Precision = Literal["app", "paper"]
+OPTIMIZER_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """Everything besides the model shape that the estimate depends on."""
+
+    batch: int = 4
+    seq: int = 512
+    rank: int = 16
+    targets: str = "all-linear"
+    lora_dropout: float = 0.05
+    optimizer: str = "paged_adamw_32bit"
+    gradient_checkpointing: bool = True
+    load_in_4bit: bool = True
+    double_quant: bool = True
+    quant_type: str = "nf4"
+    # "app": what qlora_ui.modeling builds — peft's prepare_model_for_kbit_training upcasts embeddings, norms
+    # and lm_head to fp32 and peft keeps LoRA weights in fp32. "paper": artidoro/qlora with --bf16 casts the
+    # LoRA layers, embeddings and lm_head back to bf16.
+    precision: Precision = "app"
+    device: Device = "cuda"
+
+    @classmethod
+    def from_config(cls, run: RunConfig, **overrides) -> PlanSettings:
+        t, q, lo = run.training, run.quantization, run.lora
+        s = cls(batch=t.batch_size, seq=run.data.max_length, rank=lo.lora_r, targets=lo.target_modules,
+                         lora_dropout=lo.lora_dropout, optimizer=t.optimizer,
+                         gradient_checkpointing=t.gradient_checkpointing, load_in_4bit=q.load_in_4bit,
+                         double_quant=q.double_quant, quant_type=q.quant_type)
+        return dataclasses.replace(s, **overrides)
+
+    @property
+    def method(self) -> str:
+        """The method this config trains with."""
+        if not self.load_in_4bit:
+            return "lora_16bit"
+        return "qlora" if self.double_quant else "qlora_no_double_quant"
+
+
+# ---------------------------------------------------------------- the estimate
+
+def estimate(shape: ModelShape, s: PlanSettings) -> dict[str, dict[str, float]]:
+    """Bytes per method and part. Each formula is written out in docs/memory.md."""
+    n_all = shape.total_params
+    n_q = shape.quantized_params
+    n_lora = shape.lora_params(s.rank, s.targets)
+    opt = OPTIMIZER_STATE_BYTES.get(s.optimizer, 8)
+    adapter = 4 if s.precision == "app" else 2  # peft autocasts adapters to fp32; the paper's code uses bf16
+    frozen_16 = 2  # bf16/fp16 copy of every frozen weight
+    # After prepare_model_for_kbit_training every non-4-bit parameter (embeddings, norms, lm_head) is fp32.
+    unquantized = (n_all - n_q) * (4 if s.precision == "app" else 2)
+
+    out: dict[str, dict[str, float]] = {}
+    out["full_finetune"] = _parts(weights=frozen_16 * n_all, gradients=2 * n_all, optimizer=opt * n_all,
+                                  activations=activation_bytes(shape, s, kind="full"))
+    lora_common = dict(adapter=adapter * n_lora, gradients=adapter * n_lora, optimizer=opt * n_lora)
+    out["lora_16bit"] = _parts(weights=frozen_16 * n_all, **lora_common,
+                               activations=activation_bytes(shape, s, kind="lora_16bit"))
+    q_weights = n_q * NF4_BITS / 8 + unquantized
+    q_act = activation_bytes(shape, s, kind="qlora")
+    out["qlora_no_double_quant"] = _parts(weights=q_weights, quant_constants=n_q * CONST_BITS_SINGLE / 8,
+                                          **lora_common, activations=q_act)
+    out["qlora"] = _parts(weights=q_weights, quant_constants=n_q * CONST_BITS_DOUBLE / 8, **lora_common,
+                          activations=q_act)
+    return out
+
+
+def _parts(**values: float) -> dict[str, float]:
+    return {p: float(values.get(p, 0.0)) for p in PARTS}
+
+
+def layer_saved_tensors(shape: ModelShape, s: PlanSettings, kind: str) -> dict[str, float]:
+    """Bytes per token that autograd keeps for backward in one decoder layer, tensor by tensor.
+
+    Checked tensor by tensor against torch.autograd.graph.saved_tensors_hooks on this stack (docs/memory.md).
+    Element sizes follow what the stack really holds. QLoRA: prepare_model_for_kbit_training makes the norms
+    fp32, so every norm output is fp32, and bitsandbytes' Linear4bit casts its output back to its input's
+    dtype: the residual stream and every projection output are fp32 (4 bytes) although the matmuls run in
+    bf16, and MatMul4Bit saves only the packed 4-bit weight. 16-bit LoRA and full fine-tuning keep 2-byte
+    activations. The LoRA branch runs in the adapter dtype.
+    """
+    h, i = shape.hidden, shape.intermediate
+    qd, kvd = shape.heads * shape.hd, shape.kv_heads * shape.hd
+    e = 4 if kind == "qlora" else 2
+    a = 4 if s.precision == "app" else 2
+    out = {
+        "layer input (RMSNorm input)": e * h,
+        "post-attention residual": e * h,
+        # Flash / memory-efficient SDPA keeps q, k, v, the output and a log-sum-exp: no seq x seq matrix.
+        "rotated q": e * qd, "rotated k": e * kvd, "v": e * kvd, "attention output": e * qd,
+        "attention log-sum-exp, norm statistics": 4 * shape.heads + 8,
+    }
+    if shape.gated_mlp:
+        out.update({"gate output (SiLU input)": e * i, "SiLU output": e * i, "up output": e * i})
+    else:
+        out.update({"fc1 output (activation input)": e * i, "activation output": e * i})
+    if kind == "full":
+        # Training every weight also keeps each linear's input for its weight gradient, and the normalized rows
+        # for the norm weights.
+        out.update({"norm outputs (q/k/v and gate/up input)": 2 * e * h, "o_proj input": e * qd,
+                    "down_proj input": e * i, "normalized rows for norm weights": 2 * e * h})
+        return out
+    # LoRA: lora_A's weight gradient needs its (dropped-out) input in the adapter dtype, lora_B's needs lora_A's
+    # output. Each adapter draws its own dropout mask, so q, k and v each keep a copy of the same input. The mask
+    # is a bool on CUDA (fused native_dropout) but a tensor of the input's dtype on CPU (x * noise).
+    mask = (a if s.device == "cpu" else 1) if s.lora_dropout > 0 else 0
+    shared: dict[str, float] = {}
+    for name, (d_in, _) in shape._targets(s.targets).items():
+        if s.lora_dropout > 0 or a != e:
+            out[f"{name} LoRA input"] = (a + mask) * d_in
+        else:  # no dropout, same dtype: adapters on one input share the saved tensor
+            shared[_input_group(name)] = a * d_in
+        out[f"{name} lora_A output"] = a * s.rank
+    for group, b in shared.items():
+        out[f"{group} (shared LoRA input)"] = b
+    return out
+
+
+def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
+    """Peak activation bytes of one training step (batch x seq tokens), largest transient buffers included:
+
+    stored  = with checkpointing, each layer's input (L x e*h per token); without, every layer's saved tensors
+    peak    = stored + max(loss phase, one layer's backward)
+      loss phase  = 12 bytes per logit: log_softmax output, nll_loss's gradient and the logits' gradient, all
+                    fp32 (transformers upcasts logits for the loss); 16-bit logits add their own 2 bytes
+      layer phase = (with checkpointing: that layer's saved tensors, recomputed) + gradient buffers
+                    e*(2h + 3i) + QLoRA's dequantized weight (bf16, then fp32 in backward: 6 bytes x the
+                    largest matrix)
+    On CPU, add the runtime (CPU_RUNTIME_BYTES) and glibc's heap slack (cpu_allocator_slack).
+    """
+    t = s.batch * s.seq
+    h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    e = 4 if kind == "qlora" else 2
+    per_layer = sum(layer_saved_tensors(shape, s, kind).values())
+    working = e * (2 * h + (3 if shape.gated_mlp else 2) * i)  # residual grad + MLP hidden grads
+    if s.gradient_checkpointing:
+        stored = L * e * h * t
+        layer_peak = (per_layer + working) * t
+    else:
+        stored = L * per_layer * t
+        layer_peak = working * t
+    stored += e * h * t  # the final norm's input
+    logits_fp32 = kind == "qlora" and s.precision == "app"  # lm_head is fp32 after kbit preparation
+    logits_peak = t * V * (12 + (0 if logits_fp32 else 2))
+    if kind == "qlora":
+        layer_peak += 6 * max(a_ * b_ for a_, b_ in shape.linears().values())
+    peak = stored + max(logits_peak, layer_peak)
+    if s.device == "cpu":
+        peak += CPU_RUNTIME_BYTES + cpu_allocator_slack(shape, s, kind)
+    return float(peak)
+
+
+def cpu_allocator_slack(shape: ModelShape, s: PlanSettings, kind: str) -> float:
+    """Freed memory glibc keeps in its heaps during a step (part of RSS, not of any tensor).
+
+    glibc raises its mmap threshold to the size of each freed block (up to 32 MiB), so after the first
+    step-sized free every per-layer tensor below 32 MiB comes from the heap, and freed blocks pinned under
+    later allocations (the next layer's checkpoint, the autograd thread's own arena) are not given back.
+    Measured (bench/measure_memory.py, glibc defaults vs MALLOC_TRIM_THRESHOLD_=131072) at
+    CPU_SLACK_SHARE of the per-layer tensors below 32 MiB, summed over layers; tensors above are mmapped and
+    returned at once.
+    """
+    t = s.batch * s.seq
+    small = sum(b * t for b in layer_saved_tensors(shape, s, kind).values() if b * t < GLIBC_MMAP_MAX)
+    return CPU_SLACK_SHARE * shape.layers * small
+
+
+def _input_group(name: str) -> str:
+    return {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "gate_proj": "n2", "up_proj": "n2"}.get(name, name)
+
+
+# ---------------------------------------------------------------- plan, verdict, advice
+
+@dataclass
+class Plan:
+    model: str
+    shape: ModelShape
+    settings: PlanSettings
+    breakdown: dict[str, dict[str, float]]  # bytes
+    device_gb: float
+    device_label: str
+    verdict: str = ""
+    advice: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    def total_gb(self, method: str | None = None) -> float:
+        return sum(self.breakdown[method or self.method].values()) / GB
+
+    def spillable_gb(self, method: str | None = None) -> float:
+        """Optimizer state a paged optimizer can move to CPU RAM (CUDA unified memory) when the GPU is full."""
+        if self.settings.device != "cuda" or not self.settings.optimizer.startswith("paged_"):
+            return 0.0
+        return self.breakdown[method or self.method]["optimizer"] / GB
+
+    def to_json(self) -> dict:
+        s = self.settings
+        return {
+            "model": self.model,
+            "shape": self.shape.name,
+            "params_b": round(self.shape.total_params / 1e9, 4),
+            "settings": {"batch": s.batch, "seq": s.seq, "rank": s.rank, "targets": s.targets,
+                         "optimizer": s.optimizer, "gradient_checkpointing": s.gradient_checkpointing,
+                         "quant_type": s.quant_type, "double_quant": s.double_quant,
+                         "load_in_4bit": s.load_in_4bit, "precision": s.precision, "device": s.device},
+            "full_finetune_gb": round(self.total_gb("full_finetune"), 3),
+            "lora_16bit_gb": round(self.total_gb("lora_16bit"), 3),
+            "qlora_gb": round(self.total_gb("qlora"), 3),
+            "qlora_no_double_quant_gb": round(self.total_gb("qlora_no_double_quant"), 3),
+            "breakdown": {m: {p: round(v / GB, 4) for p, v in parts.items()} for m, parts in self.breakdown.items()},
+            "method": self.method,
+            "needed_gb": round(self.total_gb(), 3),
+            "device_gb": round(self.device_gb, 2),
+            "device": self.device_label,
+            "verdict": self.verdict,
+            "advice": self.advice,
+            "notes": self.notes,
+        }
+
+    def markdown(self) -> str:
+        """One short paragraph for the UI: what the chosen method needs, the verdict and the fix."""
+        icon = {"fits": "✅", "tight": "⚠️", "will not fit": "⛔"}[self.verdict]
+        lines = [f"{icon} **{self.verdict}** — {METHODS[self.method]} needs **{self.total_gb():.1f} GB** of "
+                 f"{self.device_gb:.1f} GB {self.device_label} "
+                 f"({self.shape.name}, {self.shape.total_params / 1e9:.2f}B params, batch {self.settings.batch} "
+                 f"x {self.settings.seq} tokens, rank {self.settings.rank})."]
+        if self.advice:
+            lines.append(f"**To make it fit:** {self.advice}")
+        lines += [f"_{n}_" for n in self.notes]
+        return "\n\n".join(lines)
+
+
+def make_plan(model: str, settings: PlanSettings, device_gb: float, device_label: str) -> Plan:
+    shape = resolve_shape(model)
+    plan = Plan(model, shape, settings, estimate(shape, settings), device_gb, device_label)
+    plan.verdict = judge(plan)
+    if plan.verdict != "fits":
+        plan.advice = _advice(plan)
+    spill = plan.spillable_gb()
+    if plan.verdict == "tight" and spill and plan.total_gb() > device_gb:
+        plan.notes.append(f"Runs only by paging up to {spill:.1f} GB of optimizer state to CPU RAM (slower).")
+    if settings.device == "cpu":
+        plan.notes.append("CPU estimate: resident memory, including a measured ~40 MB of runtime overhead.")
+    return plan
+
+
+def judge(plan: Plan) -> str:
+    need, dev = plan.total_gb(), plan.device_gb
+    if need <= FIT_SHARE * dev:
+        return "fits"
+    # A paged optimizer lets the run go on as long as everything else fits; its state then pages over PCIe.
+    if need <= dev or need - plan.spillable_gb() <= dev:
+        return "tight"
+    return "will not fit"
+
+
+def _candidates(s: PlanSettings) -> list[tuple[str, PlanSettings]]:
+    """Single changes, in the order we would suggest them: the ones that cost no quality first."""
+    r = dataclasses.replace
+    out = []
+    if not s.load_in_4bit:
+        out.append(("load the base model in 4-bit (QLoRA: turn on load_in_4bit)",
+                    r(s, load_in_4bit=True, double_quant=True)))
+    elif not s.double_quant:
+        out.append(("turn on double quantization", r(s, double_quant=True)))
+    if not s.gradient_checkpointing:
+        out.append(("turn on gradient checkpointing (~30% slower)", r(s, gradient_checkpointing=True)))
+    b = s.batch // 2
+    while b >= 1:
+        out.append((f"lower batch_size {s.batch} → {b} and raise grad_accum ×{math.ceil(s.batch / b)} to keep "
+                    "the effective batch", r(s, batch=b)))
+        b //= 2
+    if OPTIMIZER_STATE_BYTES.get(s.optimizer, 8) > 2:
+        out.append(("switch the optimizer to paged_adamw_8bit (2 instead of 8 bytes of state per trainable "
+                    "weight)", r(s, optimizer="paged_adamw_8bit")))
+    n = s.seq // 2
+    while n >= 64:
+        out.append((f"lower max_length {s.seq} → {n} (longer examples are dropped)", r(s, seq=n)))
+        n //= 2
+    return out
+
+
+def _advice(plan: Plan) -> str:
+    """The first single change that makes the plan fit (else tight); else what it would take."""
+    best: dict[str, tuple[str, float]] = {}
+    for label, s2 in _candidates(plan.settings):
+        p2 = Plan(plan.model, plan.shape, s2, estimate(plan.shape, s2), plan.device_gb, plan.device_label)
+        v = judge(p2)
+        if v in ("fits", "tight") and v not in best:
+            # Among batch sizes / lengths, the first that fits is the largest, i.e. the smallest change.
+            best[v] = (label, p2.total_gb())
+        if "fits" in best:
+            break
+    if "fits" in best:
+        label, gb = best["fits"]
+        return f"{label}: {plan.total_gb():.1f} → {gb:.1f} GB."
+    if plan.verdict == "will not fit" and "tight" in best:
+        label, gb = best["tight"]
+        return f"{label}: {plan.total_gb():.1f} → {gb:.1f} GB (tight)."
+    if plan.verdict == "tight":
+        return ""
+    s = plan.settings
+    floor = dataclasses.replace(s, load_in_4bit=True, double_quant=True, gradient_checkpointing=True, batch=1,
+                                optimizer="paged_adamw_8bit", seq=min(s.seq, 256))
+    need = sum(estimate(plan.shape, floor)[floor.method].values()) / GB
+    return (f"no single change is enough; even 4-bit with batch 1, 256 tokens, checkpointing and an 8-bit "
+            f"optimizer needs {need:.1f} GB. Pick a smaller model or a device with ≥ {need / FIT_SHARE:.0f} GB.")
+
+
+# ---------------------------------------------------------------- device and entry points
+
+def detect_device_memory_gb() -> tuple[float, str]:
+    """Total memory of the device training would run on: GPU 0's VRAM, else this machine's RAM."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return props.total_memory / GB, f"GPU VRAM ({props.name})"
+    except Exception:  # a broken CUDA install still leaves the CPU
+        pass
+    import psutil
+
+    return psutil.virtual_memory().total / GB, "RAM (CPU machine)"
+
+
+def plan_for_config(cfg: RunConfig, device_gb: float | None = None, *, device: Device | None = None,
+                    precision: Precision = "app") -> Plan:
+    """The plan for a run config. Without `device_gb`, plans for this machine (its GPU, else its RAM); an
+    explicit `device_gb` is a GPU of that size unless `device="cpu"`."""
+    if device_gb is None:
+        device_gb, label = detect_device_memory_gb()
+        device = device or ("cuda" if label.startswith("GPU") else "cpu")
+    else:
+        device = device or "cuda"
+        label = "GPU VRAM" if device == "cuda" else "RAM"
+    settings = PlanSettings.from_config(cfg, device=device, precision=precision)
+    return make_plan(cfg.model.base_model, settings, float(device_gb), label)
+
+
+def preset_target_gb(preset: str) -> float | None:
+    """The GPU size a preset is named for ("gpu-65b-48gb" -> 48), or None."""
+    m = re.search(r"(\d+(?:\.\d+)?)gb$", preset or "")
+    return float(m.group(1)) if m else None
+
+
+def preset_verdict(preset: str, cfg: RunConfig | None = None) -> str:
+    """Markdown: the plan for a preset on the GPU size it names, then on this machine."""
+    from .config import load_preset
+
+    cfg = cfg if cfg is not None else load_preset(preset)
+    lines = []
+    target = preset_target_gb(preset)
+    if target is not None:
+        p = plan_for_config(cfg, target)
+        lines.append(f"**{preset}** on a {target:g} GB GPU: {METHODS[p.method]} needs {p.total_gb():.1f} GB → "
+                     f"**{p.verdict}**.")
+    here = plan_for_config(cfg)
+    lines.append(f"On this machine ({here.device_gb:.0f} GB {here.device_label}): {here.total_gb():.1f} GB → "
+                 f"**{here.verdict}**." + (f" {here.advice}" if here.advice else ""))
+    return "\n\n".join(lines)
+
+
+def plan_figure(plan: Plan):
+    """Stacked bars, one per method, split by part; a dashed line at the device's memory; the verdict on top."""
+    import plotly.graph_objects as go
+
+    colors = {"weights": "#4c72b0", "quant_constants": "#8172b2", "adapter": "#55a868", "gradients": "#dd8452",
+              "optimizer": "#c44e52", "activations": "#937860"}
+    names = list(METHODS)
+    labels = [METHODS[m] + (" ◀" if m == plan.method else "") for m in names]
+    fig = go.Figure()
+    for part in PARTS:
+        vals = [plan.breakdown[m][part] / GB for m in names]
+        fig.add_bar(name=part.replace("_", " "), x=labels, y=vals, marker_color=colors[part],
+                    hovertemplate="%{x}<br>" + part.replace("_", " ") + ": %{y:.2f} GB<extra></extra>")
+    totals = [plan.total_gb(m) for m in names]
+    fig.add_scatter(x=labels, y=totals, mode="text", text=[f"{v:.1f} GB" for v in totals],
+                    textposition="top center", showlegend=False, hoverinfo="skip")
+    fig.add_hline(y=plan.device_gb, line_dash="dash", line_color="black",
+                  annotation_text=f"{plan.device_label}: {plan.device_gb:.1f} GB", annotation_position="top left")
+    # Linear axis on purpose: a log axis would distort the stacked parts.
+    fig.update_layout(barmode="stack", title=f"{plan.shape.name}: {METHODS[plan.method]} {plan.total_gb():.1f} GB "
+                      f"→ {plan.verdict}", yaxis_title="GB", legend_title="part", height=420,
+                      margin=dict(l=50, r=20, t=60, b=40))
+    return fig
+
+
+# ---------------------------------------------------------------- CLI: python -m qlora_ui plan
+
+def add_plan_parser(subparsers) -> None:
+    """Register `plan` on the main CLI's subparsers."""
+    p = subparsers.add_parser("plan", help="Estimate training memory per method and say whether it fits.",
+                              description="Estimate the memory of full 16-bit fine-tuning, 16-bit LoRA and QLoRA "
+                              "(with and without double quantization) from a model config alone, and whether the "
+                              "chosen method fits this machine (or --device-gb). Flags override the preset, the "
+                              "preset overrides the defaults.")
+    p.add_argument("--model", help=f"shape name ({', '.join(known_shapes())}), a hub id of one of them, "
+                   "'bundled', or a local folder with config.json")
+    p.add_argument("--preset", help="start from this preset (a gpu-*-<N>gb preset also sets --device-gb N)")
+    p.add_argument("--batch", type=int, help="examples per step (batch_size)")
+    p.add_argument("--seq", type=int, help="tokens per example (max_length)")
+    p.add_argument("--rank", type=int, help="LoRA rank (lora_r)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), help="optimizer")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward")
+    p.add_argument("--quant-type", choices=["nf4", "fp4"], help="4-bit data type (same memory)")
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the quantization constants (which QLoRA column decides the verdict)")
+    p.add_argument("--device-gb", type=float, help="plan for a device of this many GB instead of this machine")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="what the memory is: GPU VRAM or CPU RAM")
+    p.add_argument("--precision", choices=["app", "paper"], default="app",
+                   help="app: dtypes as this app trains (fp32 adapters and embeddings); paper: as the QLoRA "
+                   "paper's code (bf16)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=plan_main)
+
+
+def plan_main(args) -> int:
+    import sys
+
+    from .config import ConfigError, load_preset, validate_fields
+
+    try:
+        cfg = load_preset(args.preset) if getattr(args, "preset", None) else RunConfig()
+        flags = {"base_model": args.model, "batch_size": args.batch, "max_length": args.seq, "lora_r": args.rank,
+                 "optimizer": args.optimizer, "gradient_checkpointing": args.gradient_checkpointing,
+                 "quant_type": args.quant_type, "double_quant": args.double_quant}
+        cfg = cfg.updated(**{k: v for k, v in flags.items() if v is not None})
+        problems = validate_fields(cfg)
+        if problems:
+            raise ConfigError(problems)
+        device_gb = args.device_gb
+        if device_gb is None and getattr(args, "preset", None):
+            device_gb = preset_target_gb(args.preset)
+        if device_gb is not None and not (math.isfinite(device_gb) and device_gb > 0):
+            raise ConfigError([f"--device-gb {device_gb}: give a positive number of GB"])
+        plan = plan_for_config(cfg, device_gb, device=args.device, precision=args.precision)
+    except ShapeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: invalid plan settings:\n{e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def format_plan(plan: Plan) -> str:
+    """A plain-text table of the plan for the terminal."""
+    s = plan.settings
+    head = (f"{plan.shape.name}: {plan.shape.total_params / 1e9:.2f}B params | batch {s.batch} x {s.seq} tokens | "
+            f"LoRA r{s.rank} ({s.targets}) | {s.optimizer} | gradient checkpointing "
+            f"{'on' if s.gradient_checkpointing else 'off'} | {s.precision} precision, {s.device}")
+    cols = [m for m in METHODS]
+    lines = [head, "", f"{'GB':<16}" + "".join(f"{METHODS[m]:>28}" for m in cols)]
+    for part in PARTS:
+        lines.append(f"{part:<16}" + "".join(f"{plan.breakdown[m][part] / GB:>28.2f}" for m in cols))
+    lines.append(f"{'total':<16}" + "".join(f"{plan.total_gb(m):>28.2f}" for m in cols))
+    lines += ["", f"{METHODS[plan.method]} needs {plan.total_gb():.2f} GB of {plan.device_gb:.1f} GB "
+              f"{plan.device_label}: {plan.verdict}"]
+    if plan.advice:
+        lines.append(f"To make it fit: {plan.advice}")
+    lines += plan.notes
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `python -m qlora_ui.memory plan ...` works before the main CLI wires it in
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="python -m qlora_ui.memory")
+    add_plan_parser(_parser.add_subparsers(dest="command", required=True))
+    _args = _parser.parse_args()
+    sys.exit(_args.func(_args))
