@@ -54,3 +54,27 @@ def test_cli_chat_prints_a_reply_from_the_base(bundled_dir):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+@pytest.mark.slow
+def test_eval_mid_training_keeps_every_lora_gradient_on_the_real_model(tmp_path, bundled_dir):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first no-grad eval forward; the
+    packed kernel has no backward, so LoRA gradients silently vanish after the first evaluation."""
+    from transformers import TrainerCallback
+
+    from qlora_ui.config import load_preset
+    from qlora_ui.training import TrainingJob
+
+    zero_counts = []
+
+    class GradProbe(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+            zero_counts.append(sum(1 for g in grads if g is None or float(g.abs().sum()) == 0.0))
+
+    cfg = load_preset("cpu-quickstart").updated(max_steps=4, eval_steps=2, save_steps=100, batch_size=2,
+                                                  eval_fraction=0.01, runs_dir=str(tmp_path / "runs"))
+    job = TrainingJob(cfg, extra_callbacks=[GradProbe()])
+    assert job.run_blocking() == "finished", job.error_message
+    assert [r["step"] for r in job.run.read_metrics() if "eval_loss" in r][:1] == [2]
+    assert zero_counts == [0, 0, 0, 0]

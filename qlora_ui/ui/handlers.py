@@ -166,8 +166,11 @@ def poll_training(studio: Studio, seen: tuple | None) -> tuple:
     last = next((r for r in reversed(rows) if "loss" in r), {})
     total = job.max_steps or st.get("max_steps") or 0
     msg = job.error_message if state == "failed" else (job.phase if state == "running" else st.get("message", ""))
+    import time
+
+    age = time.time() - rows[-1]["time"] if rows and rows[-1].get("time") else None
     prog = progress_html(state, max(job.step, last.get("step", 0)), total, last.get("elapsed_s"), last.get("eta_s"),
-                         run.name, msg)
+                         run.name, msg, age)
     fig = training_figure(rows, title=run.name) if rows else gr.skip()
     return prog, fig, tail(run.log_path), key
 

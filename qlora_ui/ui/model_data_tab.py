@@ -45,12 +45,10 @@ def quant_summary(cfg: RunConfig) -> str:
         line = f"{name}: no saving on a model this small (its embeddings stay 16-bit). "
     if not q.load_in_4bit:
         line = "4-bit is off: this trains 16-bit LoRA on a bf16/fp32 base (no quantization saving). "
+    from ..evidence import quantization_evidence
+
     return line + (f"Training total: QLoRA {js['qlora_gb']:.2f} GB vs 16-bit LoRA {js['lora_16bit_gb']:.2f} GB vs "
-                   f"full fine-tuning {js['full_finetune_gb']:.2f} GB. {QUALITY_NOTE}")
-
-
-# Filled from docs/quality.md's measured numbers (bench/quality.py); see that page for the full table.
-QUALITY_NOTE = "[Does NF4 cost quality? See the measured evidence](https://github.com/#docs/quality.md)."
+                   f"full fine-tuning {js['full_finetune_gb']:.2f} GB. {quantization_evidence()}")
 
 
 def segments_html(segments: list[tuple[str, bool]]) -> str:

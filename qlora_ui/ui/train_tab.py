@@ -26,14 +26,16 @@ def fmt_seconds(s: float | None) -> str:
 
 
 def progress_html(state: str, step: int, total: int, elapsed: float | None, eta: float | None, run: str,
-                  message: str = "") -> str:
+                  message: str = "", age: float | None = None) -> str:
     pct = 100.0 * step / total if total else 0.0
     colour = {"running": "#2563eb", "finished": "#16a34a", "stopped": "#ca8a04", "failed": "#dc2626",
               "interrupted": "#ea580c"}.get(state, "#6b7280")
     msg = f'<div class="qs-msg">{html.escape(message)}</div>' if message else ""
-    return (f'<div class="qs-progress" data-state="{state}" data-step="{step}">'
+    # How far behind the trainer this view is: seconds since the newest metrics row was written.
+    fresh = f" · data {age:.1f} s old" if age is not None and state == "running" else ""
+    return (f'<div class="qs-progress" data-state="{state}" data-step="{step}" data-age="{age or 0:.2f}">'
             f'<div class="qs-progress-head"><b style="color:{colour}">{html.escape(state)}</b> · {html.escape(run)}'
-            f' · step <b>{step}/{total or "?"}</b> · elapsed {fmt_seconds(elapsed)} · ETA {fmt_seconds(eta)}</div>'
+            f' · step <b>{step}/{total or "?"}</b> · elapsed {fmt_seconds(elapsed)} · ETA {fmt_seconds(eta)}{fresh}</div>'
             f'<div class="qs-bar"><div style="width:{pct:.1f}%;background:{colour}"></div></div>{msg}</div>')
 
 
