@@ -33,7 +33,7 @@ run: install
 	$(BIN)/python app.py $(ARGS)
 
 test: install browser
-	$(BIN)/python -m pytest -q -m "slow or not slow" --timeout=900 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

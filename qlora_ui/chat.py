@@ -148,6 +148,6 @@ class ChatEngine:
 
     def reply(self, messages: list[dict], settings: GenerationSettings, adapter: str | None) -> str:
         text = ""
-        for text in self.stream(messages, settings, adapter):
+        for text in self.stream(messages, settings, adapter):  # noqa: B007 - keep the last, complete text
             pass
         return text.strip()

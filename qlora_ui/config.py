@@ -166,7 +166,7 @@ class RunConfig:
 
     def validate(self, *, need_data: bool = False) -> RunConfig:
         problems = validate_fields(self)
-        t, d, q, lo = self.training, self.data, self.quantization, self.lora
+        d, q, lo = self.data, self.quantization, self.lora
         if need_data and not d.data_path:
             problems.append("data_path: no dataset given. Pass --data FILE (CSV, JSON, JSONL, Parquet or TXT).")
         if q.compute_dtype == "fp16" and not q.load_in_4bit:
@@ -380,7 +380,8 @@ def add_cli_flags(parser) -> None:
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         rng = f" Range {_fmt(lo)}..{_fmt(hi)}." if lo is not None else ""
         names = [cli_flag(key)] + [a for a, k in CLI_ALIASES.items() if k == key]
-        parser.add_argument(*names, dest=f"cfg__{key}", default=None, metavar="V" if not ch else "{" + ",".join(ch) + "}",
+        metavar = "{" + ",".join(ch) + "}" if ch else "V"
+        parser.add_argument(*names, dest=f"cfg__{key}", default=None, metavar=metavar,
                             help=f"{f.metadata['help']}{extra}{rng} Default: {f.default!r}"
                             if f.default is not dataclasses.MISSING else f.metadata["help"])
 

@@ -469,7 +469,9 @@ def columns_of(records: list[dict], sample: int = 1000) -> list[str]:
 
 
 def apply_column_map(records: list[dict], column_map: dict[str, str] | None) -> list[dict]:
-    """Rename columns: {"question": "instruction"}. A mapped column replaces any column already named like its target."""
+    """Rename columns: {"question": "instruction"}.
+
+    A mapped column replaces any column already named like its target."""
     if not column_map:
         return records
     cols = columns_of(records)

@@ -3,8 +3,16 @@ import argparse
 import pytest
 
 from qlora_ui.config import (
-    FIELD_INDEX, ConfigError, RunConfig, add_cli_flags, apply_cli_flags, cli_command, from_yaml, list_presets,
-    load_preset, to_yaml,
+    FIELD_INDEX,
+    ConfigError,
+    RunConfig,
+    add_cli_flags,
+    apply_cli_flags,
+    cli_command,
+    from_yaml,
+    list_presets,
+    load_preset,
+    to_yaml,
 )
 
 
@@ -44,7 +52,7 @@ def test_every_field_is_a_cli_flag_applied_over_the_preset():
     p = argparse.ArgumentParser()
     add_cli_flags(p)
     args = p.parse_args(["--max-steps", "3", "--lora-r", "16", "--save-steps", "2", "--runs-dir", "/tmp/x",
-                         "--data", "a.csv", "--no-such"] [:-1])
+                         "--data", "a.csv"])
     cfg = apply_cli_flags(load_preset("cpu-quickstart"), args)
     assert (cfg.training.max_steps, cfg.lora.lora_r, cfg.training.save_steps, cfg.runs_dir) == (3, 16, 2, "/tmp/x")
     assert cfg.data.data_path == "a.csv"

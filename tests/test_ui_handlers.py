@@ -98,11 +98,11 @@ def test_run_names_cannot_escape_the_runs_dir(studio, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "config.yaml").write_text("name: x\n")
+    from qlora_ui.config import ConfigError
+
     for name in ["../elsewhere", str(outside), "../../etc"]:
-        with pytest.raises(Exception):
-            run = studio.open(name)
-            assert outside not in run.path.parents and run.path != outside
-            raise AssertionError("opened")
+        with pytest.raises(ConfigError):
+            studio.open(name)
 
 
 def test_typed_model_paths_are_confined_to_model_roots(studio, tmp_path):

@@ -8,9 +8,9 @@ from typing import Any
 
 import gradio as gr
 
-from ..config import BUNDLED_MODEL, ConfigError, RunConfig
+from ..config import BUNDLED_MODEL, RunConfig
 from ..studio import Studio
-from .form import component_for, error_text
+from .form import component_for
 
 log = logging.getLogger(__name__)
 

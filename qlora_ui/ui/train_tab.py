@@ -35,7 +35,8 @@ def progress_html(state: str, step: int, total: int, elapsed: float | None, eta:
     fresh = f" · data {age:.1f} s old" if age is not None and state == "running" else ""
     return (f'<div class="qs-progress" data-state="{state}" data-step="{step}" data-age="{age or 0:.2f}">'
             f'<div class="qs-progress-head"><b style="color:{colour}">{html.escape(state)}</b> · {html.escape(run)}'
-            f' · step <b>{step}/{total or "?"}</b> · elapsed {fmt_seconds(elapsed)} · ETA {fmt_seconds(eta)}{fresh}</div>'
+            f' · step <b>{step}/{total or "?"}</b> · elapsed {fmt_seconds(elapsed)} · ETA {fmt_seconds(eta)}'
+            f'{fresh}</div>'
             f'<div class="qs-bar"><div style="width:{pct:.1f}%;background:{colour}"></div></div>{msg}</div>')
 
 
