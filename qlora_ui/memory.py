@@ -1,4 +1,4 @@
-""""Will it fit?": training-memory estimates from a model config alone (no weights are loaded).
+"""Will it fit? Training-memory estimates from a model config alone (no weights are loaded).
 
 Four methods are compared, each split into the same six parts (docs/memory.md has the derivations and the
 measurements that check them):
@@ -227,7 +227,7 @@ def _hub_cached_config(repo_id: str) -> Path | None:
         return None
     try:
         hit = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # invalid repo id syntax and the like: just "not cached"
+    except ValueError:  # not a valid repo id: just "not cached"
         return None
     return Path(hit) if isinstance(hit, str) else None
 
@@ -253,6 +253,7 @@ class PlanSettings:
     load_in_4bit: bool = True
     double_quant: bool = True
     quant_type: str = "nf4"
+    compute_dtype: str = "bf16"
     # "app": what qlora_ui.modeling builds — peft's prepare_model_for_kbit_training upcasts embeddings, norms
     # and lm_head to fp32 and peft keeps LoRA weights in fp32. "paper": artidoro/qlora with --bf16 casts the
     # LoRA layers, embeddings and lm_head back to bf16.
@@ -263,9 +264,9 @@ class PlanSettings:
     def from_config(cls, run: RunConfig, **overrides) -> PlanSettings:
         t, q, lo = run.training, run.quantization, run.lora
         s = cls(batch=t.batch_size, seq=run.data.max_length, rank=lo.lora_r, targets=lo.target_modules,
-                         lora_dropout=lo.lora_dropout, optimizer=t.optimizer,
-                         gradient_checkpointing=t.gradient_checkpointing, load_in_4bit=q.load_in_4bit,
-                         double_quant=q.double_quant, quant_type=q.quant_type)
+                lora_dropout=lo.lora_dropout, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
+                load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, quant_type=q.quant_type,
+                compute_dtype=q.compute_dtype)
         return dataclasses.replace(s, **overrides)
 
     @property
@@ -292,7 +293,7 @@ def estimate(shape: ModelShape, s: PlanSettings) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     out["full_finetune"] = _parts(weights=frozen_16 * n_all, gradients=2 * n_all, optimizer=opt * n_all,
                                   activations=activation_bytes(shape, s, kind="full"))
-    lora_common = dict(adapter=adapter * n_lora, gradients=adapter * n_lora, optimizer=opt * n_lora)
+    lora_common = {"adapter": adapter * n_lora, "gradients": adapter * n_lora, "optimizer": opt * n_lora}
     out["lora_16bit"] = _parts(weights=frozen_16 * n_all, **lora_common,
                                activations=activation_bytes(shape, s, kind="lora_16bit"))
     q_weights = n_q * NF4_BITS / 8 + unquantized
@@ -308,6 +309,11 @@ def _parts(**values: float) -> dict[str, float]:
     return {p: float(values.get(p, 0.0)) for p in PARTS}
 
 
+def _autocast(s: PlanSettings) -> bool:
+    # training.py runs the Trainer with bf16/fp16 mixed precision on a GPU only: autocast on CUDA, none on CPU.
+    return s.device == "cuda" and s.compute_dtype in ("bf16", "fp16")
+
+
 def layer_saved_tensors(shape: ModelShape, s: PlanSettings, kind: str) -> dict[str, float]:
     """Bytes per token that autograd keeps for backward in one decoder layer, tensor by tensor.
 
@@ -316,17 +322,21 @@ def layer_saved_tensors(shape: ModelShape, s: PlanSettings, kind: str) -> dict[s
     fp32, so every norm output is fp32, and bitsandbytes' Linear4bit casts its output back to its input's
     dtype: the residual stream and every projection output are fp32 (4 bytes) although the matmuls run in
     bf16, and MatMul4Bit saves only the packed 4-bit weight. 16-bit LoRA and full fine-tuning keep 2-byte
-    activations. The LoRA branch runs in the adapter dtype.
+    activations. The LoRA branch runs in the adapter dtype. On a GPU the Trainer's bf16 autocast makes the
+    attention kernel and the LoRA matmuls save 16-bit copies of their inputs.
     """
     h, i = shape.hidden, shape.intermediate
     qd, kvd = shape.heads * shape.hd, shape.kv_heads * shape.hd
-    e = 4 if kind == "qlora" else 2
-    a = 4 if s.precision == "app" else 2
+    e = 4 if kind == "qlora" else 2  # residual stream and MLP elementwise ops (autocast leaves them alone)
+    ac = _autocast(s)
+    e_attn = 2 if ac else e  # SDPA is on autocast's 16-bit list
+    a = 4 if s.precision == "app" else 2  # adapter dtype: where LoRA's input is cast and dropped out
+    a_saved = 2 if ac else a  # what lora_A / lora_B keep for their weight gradients
     out = {
         "layer input (RMSNorm input)": e * h,
         "post-attention residual": e * h,
         # Flash / memory-efficient SDPA keeps q, k, v, the output and a log-sum-exp: no seq x seq matrix.
-        "rotated q": e * qd, "rotated k": e * kvd, "v": e * kvd, "attention output": e * qd,
+        "rotated q": e_attn * qd, "rotated k": e_attn * kvd, "v": e_attn * kvd, "attention output": e_attn * qd,
         "attention log-sum-exp, norm statistics": 4 * shape.heads + 8,
     }
     if shape.gated_mlp:
@@ -339,17 +349,17 @@ def layer_saved_tensors(shape: ModelShape, s: PlanSettings, kind: str) -> dict[s
         out.update({"norm outputs (q/k/v and gate/up input)": 2 * e * h, "o_proj input": e * qd,
                     "down_proj input": e * i, "normalized rows for norm weights": 2 * e * h})
         return out
-    # LoRA: lora_A's weight gradient needs its (dropped-out) input in the adapter dtype, lora_B's needs lora_A's
-    # output. Each adapter draws its own dropout mask, so q, k and v each keep a copy of the same input. The mask
-    # is a bool on CUDA (fused native_dropout) but a tensor of the input's dtype on CPU (x * noise).
+    # LoRA: lora_A's weight gradient needs its (dropped-out) input, lora_B's needs lora_A's output. Each adapter
+    # draws its own dropout mask, so q, k and v each keep a copy of the same input. The mask is a bool on CUDA
+    # (fused native_dropout) but a tensor of the input's dtype on CPU (x * noise).
     mask = (a if s.device == "cpu" else 1) if s.lora_dropout > 0 else 0
     shared: dict[str, float] = {}
     for name, (d_in, _) in shape._targets(s.targets).items():
-        if s.lora_dropout > 0 or a != e:
-            out[f"{name} LoRA input"] = (a + mask) * d_in
+        if s.lora_dropout > 0 or a_saved != e:
+            out[f"{name} LoRA input"] = (a_saved + mask) * d_in
         else:  # no dropout, same dtype: adapters on one input share the saved tensor
-            shared[_input_group(name)] = a * d_in
-        out[f"{name} lora_A output"] = a * s.rank
+            shared[_input_group(name)] = a_saved * d_in
+        out[f"{name} lora_A output"] = a_saved * s.rank
     for group, b in shared.items():
         out[f"{group} (shared LoRA input)"] = b
     return out
@@ -379,7 +389,8 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
         stored = L * per_layer * t
         layer_peak = working * t
     stored += e * h * t  # the final norm's input
-    logits_fp32 = kind == "qlora" and s.precision == "app"  # lm_head is fp32 after kbit preparation
+    # lm_head is fp32 after kbit preparation, so QLoRA's logits are fp32 unless autocast makes them 16-bit.
+    logits_fp32 = kind == "qlora" and s.precision == "app" and not _autocast(s)
     logits_peak = t * V * (12 + (0 if logits_fp32 else 2))
     if kind == "qlora":
         layer_peak += 6 * max(a_ * b_ for a_, b_ in shape.linears().values())
@@ -462,10 +473,10 @@ class Plan:
     def markdown(self) -> str:
         """One short paragraph for the UI: what the chosen method needs, the verdict and the fix."""
         icon = {"fits": "✅", "tight": "⚠️", "will not fit": "⛔"}[self.verdict]
-        lines = [f"{icon} **{self.verdict}** — {METHODS[self.method]} needs **{self.total_gb():.1f} GB** of "
-                 f"{self.device_gb:.1f} GB {self.device_label} "
-                 f"({self.shape.name}, {self.shape.total_params / 1e9:.2f}B params, batch {self.settings.batch} "
-                 f"x {self.settings.seq} tokens, rank {self.settings.rank})."]
+        lines = [(f"{icon} **{self.verdict}** — {METHODS[self.method]} needs **{self.total_gb():.1f} GB** of "
+                  f"{self.device_gb:.1f} GB {self.device_label} "
+                  f"({self.shape.name}, {self.shape.total_params / 1e9:.2f}B params, batch {self.settings.batch} "
+                  f"x {self.settings.seq} tokens, rank {self.settings.rank}).")]
         if self.advice:
             lines.append(f"**To make it fit:** {self.advice}")
         lines += [f"_{n}_" for n in self.notes]
@@ -482,7 +493,8 @@ def make_plan(model: str, settings: PlanSettings, device_gb: float, device_label
     if plan.verdict == "tight" and spill and plan.total_gb() > device_gb:
         plan.notes.append(f"Runs only by paging up to {spill:.1f} GB of optimizer state to CPU RAM (slower).")
     if settings.device == "cpu":
-        plan.notes.append("CPU estimate: resident memory, including a measured ~40 MB of runtime overhead.")
+        plan.notes.append(f"CPU estimate of resident memory, including {CPU_RUNTIME_BYTES / 1e6:.0f} MB of runtime and "
+                          "the free memory glibc keeps in its heap (docs/memory.md).")
     return plan
 
 
@@ -509,12 +521,13 @@ def _candidates(s: PlanSettings) -> list[tuple[str, PlanSettings]]:
         out.append(("turn on gradient checkpointing (~30% slower)", r(s, gradient_checkpointing=True)))
     b = s.batch // 2
     while b >= 1:
-        out.append((f"lower batch_size {s.batch} → {b} and raise grad_accum ×{math.ceil(s.batch / b)} to keep "
-                    "the effective batch", r(s, batch=b)))
+        label = (f"lower batch_size {s.batch} → {b} and raise grad_accum ×{math.ceil(s.batch / b)} to keep the "
+                 "effective batch")
+        out.append((label, r(s, batch=b)))
         b //= 2
     if OPTIMIZER_STATE_BYTES.get(s.optimizer, 8) > 2:
-        out.append(("switch the optimizer to paged_adamw_8bit (2 instead of 8 bytes of state per trainable "
-                    "weight)", r(s, optimizer="paged_adamw_8bit")))
+        label = "switch the optimizer to paged_adamw_8bit (2 instead of 8 bytes of state per trainable weight)"
+        out.append((label, r(s, optimizer="paged_adamw_8bit")))
     n = s.seq // 2
     while n >= 64:
         out.append((f"lower max_length {s.seq} → {n} (longer examples are dropped)", r(s, seq=n)))
@@ -559,7 +572,7 @@ def detect_device_memory_gb() -> tuple[float, str]:
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return props.total_memory / GB, f"GPU VRAM ({props.name})"
-    except Exception:  # a broken CUDA install still leaves the CPU
+    except RuntimeError:  # a broken CUDA install still leaves the CPU: plan for RAM
         pass
     import psutil
 
@@ -624,7 +637,7 @@ def plan_figure(plan: Plan):
     # Linear axis on purpose: a log axis would distort the stacked parts.
     fig.update_layout(barmode="stack", title=f"{plan.shape.name}: {METHODS[plan.method]} {plan.total_gb():.1f} GB "
                       f"→ {plan.verdict}", yaxis_title="GB", legend_title="part", height=420,
-                      margin=dict(l=50, r=20, t=60, b=40))
+                      margin={"l": 50, "r": 20, "t": 60, "b": 40})
     return fig
 
 
@@ -702,8 +715,8 @@ def format_plan(plan: Plan) -> str:
     for part in PARTS:
         lines.append(f"{part:<16}" + "".join(f"{plan.breakdown[m][part] / GB:>28.2f}" for m in cols))
     lines.append(f"{'total':<16}" + "".join(f"{plan.total_gb(m):>28.2f}" for m in cols))
-    lines += ["", f"{METHODS[plan.method]} needs {plan.total_gb():.2f} GB of {plan.device_gb:.1f} GB "
-              f"{plan.device_label}: {plan.verdict}"]
+    lines += ["", (f"{METHODS[plan.method]} needs {plan.total_gb():.2f} GB of {plan.device_gb:.1f} GB "
+                   f"{plan.device_label}: {plan.verdict}")]
     if plan.advice:
         lines.append(f"To make it fit: {plan.advice}")
     lines += plan.notes

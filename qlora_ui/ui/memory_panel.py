@@ -9,7 +9,13 @@ from __future__ import annotations
 import gradio as gr
 
 from ..config import RunConfig
-from ..memory import ShapeError, plan_figure, plan_for_config, preset_target_gb, preset_verdict
+from ..memory import (
+    ShapeError,
+    plan_figure,
+    plan_for_config,
+    preset_target_gb,
+    preset_verdict,
+)
 
 
 def build_memory_panel(cfg: RunConfig | None = None) -> dict:
