@@ -67,16 +67,19 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         mem = tr["memory"]
         mem_out = [mem[k] for k in mem]
 
-        def refresh_memory(*values):
+        def refresh_memory(preset, *values):
             try:
                 cfg = h.cfg_from_values(list(keys), list(values))
             except h.ConfigError:
                 return [gr.skip()] * len(mem_out)
-            return update_memory_panel(cfg)
+            return update_memory_panel(cfg, preset)
 
-        for k in ["base_model", "lora_r", "batch_size", "max_length", "optimizer", "gradient_checkpointing",
-                  "quant_type", "double_quant", "load_in_4bit", "compute_dtype"]:
-            form[k].change(refresh_memory, inputs, mem_out, show_progress="hidden", api_name=False)
+        # One serialized listener (like the data inspection): the newest settings always win.
+        mem_triggers = [tr["preset"].change] + [form[k].change for k in [
+            "base_model", "lora_r", "batch_size", "max_length", "optimizer", "gradient_checkpointing", "quant_type",
+            "double_quant", "load_in_4bit", "compute_dtype"]]
+        gr.on(mem_triggers, refresh_memory, [tr["preset"]] + inputs, mem_out, show_progress="hidden",
+              concurrency_limit=1, trigger_mode="always_last", api_name=False)
 
         # Presets
         preset_targets = [form[k] for k in keys]
@@ -121,6 +124,6 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         # On page load (and reload): fill the lists and the memory plan, reattach to a running job.
         demo.load(partial(h.runs_table, studio), None, table_out, api_name=False)
         demo.load(partial(h.chat_runs, studio), None, ch["run"], api_name=False)
-        demo.load(refresh_memory, inputs, mem_out, api_name=False)
+        demo.load(refresh_memory, [tr["preset"]] + inputs, mem_out, api_name=False)
         demo.load(partial(h.inspect_data, studio, keys), inputs, inspect_out, api_name=False)
     return demo
