@@ -86,10 +86,8 @@ def train_main(args) -> int:
         if bar:
             bar.close()
     if state == "failed":
-        if isinstance(job.error, _user_errors()):
-            return fail(str(job.error))
-        print(f"training failed: {job.error_message}", file=sys.stderr)
-        return 1
+        # The job has logged its message and hint to stderr once; the traceback went to train.log only.
+        return USER_ERROR if isinstance(job.error, _user_errors()) else 1
     print(f"{state}: adapter in {job.run.adapter_dir}", file=sys.stderr)
     return 0
 

@@ -109,11 +109,13 @@ def preflight(cfg: ModelConfig) -> None:
 
 def check_local_folder(p: Path, cfg: ModelConfig) -> None:
     if not (p / "config.json").is_file():
-        raise ModelError(f"'{p}' has no config.json, so it is not a Hugging Face model folder.")
+        raise ModelError(f"'{p}' has no config.json, so it is not a Hugging Face model folder. Pick the folder that "
+                         "holds config.json and the *.safetensors weights.")
     has_st = any(p.glob("*.safetensors"))
     has_bin = any(p.glob("*.bin")) or any(p.glob("*.pt"))
     if not has_st and not has_bin:
-        raise ModelError(f"'{p}' has no weights (*.safetensors).")
+        raise ModelError(f"'{p}' has no weights (*.safetensors). Copy the model's weight files into it, or pick "
+                         "another folder.")
     if not has_st and has_bin and not cfg.allow_pickle:
         raise ModelError(f"'{p}' only has pickle .bin weights, which can run code when loaded. Convert them to "
                          "safetensors, or turn on allow_pickle if you trust the source.")

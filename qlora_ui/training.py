@@ -192,7 +192,9 @@ class TrainingJob:
             self.error = e
             hint = failure_hint(e)
             self.error_message = f"{type(e).__name__}: {str(e)[:500]}\n{hint}"
-            log.error("training failed: %s\n%s", self.error_message, traceback.format_exc())
+            log.error("training failed: %s", self.error_message)
+            # The stack goes to train.log and the app console (INFO), never to a CLI user's terminal.
+            log.info("traceback:\n%s", traceback.format_exc())
             self.state = "failed"
             self.run.write_status("failed", self.error_message, step=self.step)
             self._emit("status", {"state": "failed", "message": self.error_message})
@@ -233,9 +235,11 @@ class TrainingJob:
         prepared = prepare_dataset(cfg.data, loaded.tokenizer, seed=tr.seed)
         self.report = prepared.report
         log.info("dataset:\n%s", prepared.report.summary())
-        if tr.batch_size > len(prepared.train) and tr.max_steps == 0:
-            log.warning("batch_size %d is larger than the %d training rows: each step sees every row",
-                        tr.batch_size, len(prepared.train))
+        if tr.batch_size > len(prepared.train):
+            # Not refused: a small upload with a preset's batch still trains, each step on every row.
+            log.warning("batch_size %d is larger than the %d training rows: every step uses all %d rows. Lower "
+                        "batch_size to %d or less, or add rows.", tr.batch_size, len(prepared.train),
+                        len(prepared.train), len(prepared.train))
 
         def to_ds(rows):
             return datasets.Dataset.from_list([{**r, "length": len(r["input_ids"])} for r in rows])

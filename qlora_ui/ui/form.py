@@ -45,7 +45,10 @@ def component_for(key: str, value: Any = None, **overrides: Any) -> gr.component
     if base in (int, float):
         lo, hi, step = meta.get("min"), meta.get("max"), meta.get("step")
         if meta.get("log") or hi is None or (hi - lo) / (step or 1) > 100_000:
-            return gr.Number(minimum=lo, maximum=hi, step=step, precision=0 if base is int else None, **kw)
+            # No minimum/maximum on the widget: Gradio would refuse a typed -1 with "Value -1 is less than
+            # minimum value 1e-07", naming no field; our validation names the field and lists every problem.
+            kw["info"] = f"{kw['info']} Range {lo:g}..{hi:g}." if lo is not None and hi is not None else kw["info"]
+            return gr.Number(step=step, precision=0 if base is int else None, **kw)
         return gr.Slider(minimum=lo, maximum=hi, step=step or (1 if base is int else 0.01), **kw)
     if get_origin(base) is dict or base is dict:
         kw["value"] = ", ".join(f"{a}={b}" for a, b in (value or {}).items())
