@@ -1,0 +1,94 @@
+"""Helpers shared by the bad-settings, fault, security and two-session tests (not a test module)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qlora_ui.config import RunConfig, load_preset
+from qlora_ui.ui.app import FORM_KEYS
+from qlora_ui.ui.form import form_values
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = [{"instruction": f"Say the word number {i}.", "output": f"Arr! Number {i} it be, matey."} for i in range(40)]
+
+
+def write_rows(path: Path, n: int = 40) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:n]))
+    return path
+
+
+def cli(*args: Any, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qlora_ui", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fast_cfg(model: str | Path, data: str | Path, **kw: Any) -> RunConfig:
+    """The quick-start preset made fast for a tiny model: short rows, small batch, plain AdamW."""
+    base = dict(base_model=str(model), data_path=str(data), max_steps=16, batch_size=2, eval_fraction=0.0,
+                gradient_checkpointing=False, optimizer="adamw_torch", save_steps=4, lora_r=4, lora_alpha=8,
+                warmup_ratio=0.0, name="t")
+    base.update(kw)
+    return load_preset("cpu-quickstart").updated(**base)
+
+
+def form(cfg: RunConfig, **raw: Any) -> list[Any]:
+    """Form values in FORM_KEYS order; `raw` sets values as a browser/API client would send them (unchecked)."""
+    vals = form_values(cfg, FORM_KEYS)
+    for k, v in raw.items():
+        vals[FORM_KEYS.index(k)] = v
+    return vals
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def run_dirs(runs: Path) -> list[Path]:
+    return sorted(p for p in runs.iterdir() if (p / "config.yaml").is_file()) if runs.is_dir() else []
+
+
+def loss_steps(run: Path) -> list[int]:
+    from qlora_ui.runs import RunDir
+
+    return [r["step"] for r in RunDir(run).read_metrics() if "loss" in r]
+
+
+def bad_model_folders(root: Path, tiny: Path) -> dict[str, Path]:
+    """Under one model root: a good tiny model and one folder per way a model folder can be wrong."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = {"tiny": root / "tiny"}
+    if not out["tiny"].exists():
+        shutil.copytree(tiny, out["tiny"])
+    pick = out["pickle_only"] = root / "pickle-only"
+    pick.mkdir(exist_ok=True)
+    shutil.copy(tiny / "config.json", pick / "config.json")
+    (pick / "pytorch_model.bin").write_bytes(b"a pickle would run code here")
+    remote = out["remote_code"] = root / "remote-code"
+    if not remote.exists():
+        shutil.copytree(tiny, remote)
+        conf = json.loads((remote / "config.json").read_text())
+        conf["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+        (remote / "config.json").write_text(json.dumps(conf))
+    no_conf = out["no_config"] = root / "no-config"
+    no_conf.mkdir(exist_ok=True)
+    (no_conf / "model.safetensors").write_bytes(b"")
+    no_w = out["no_weights"] = root / "no-weights"
+    no_w.mkdir(exist_ok=True)
+    shutil.copy(tiny / "config.json", no_w / "config.json")
+    out["a_file"] = root / "model.safetensors"
+    out["a_file"].write_bytes(b"not a folder")
+    out["missing"] = root / "does-not-exist"
+    return out
