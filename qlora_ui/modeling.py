@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import BUNDLED_MODEL, ConfigError, ModelConfig, QuantConfig, LoraConfig
+from .config import BUNDLED_MODEL, ConfigError, LoraConfig, ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,7 @@ def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, qu
                            "load a fresh instance for training.")
 
     if quantized:
+        keep_4bit_layout_trainable(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -224,6 +225,18 @@ def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, qu
     except ValueError as e:
         raise ConfigError([f"target_modules: {e}"]) from None
     return model
+
+
+def keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes repacking this model's 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, the first no-grad eval-mode forward (the Trainer's evaluation, generate)
+    repacks every Linear4bit for a fast kernel that has no backward: from then on, gradients stop at each
+    4-bit layer and most LoRA weights get zero gradients, silently. A training model keeps the plain layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @dataclass

@@ -224,6 +224,11 @@ class TrainingJob:
             log.info("resuming from %s", ckpt or "the start (no checkpoint was saved)")
 
         self._set_phase("loading model")
+        from transformers import set_seed
+
+        # get_peft_model draws the LoRA A init from torch's global RNG: seed it here, or two runs with one
+        # seed in the same process (a UI session, a benchmark) start from different adapters.
+        set_seed(tr.seed)
         loaded = load_for_training(cfg.model, cfg.quantization, cfg.lora, tr.gradient_checkpointing)
         self.footprint_bytes, self.load_seconds = loaded.footprint_bytes, loaded.load_seconds
         trainable, total = trainable_parameters(loaded.model)
