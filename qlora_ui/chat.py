@@ -97,7 +97,8 @@ class ChatEngine:
         text = render_chat(self.tokenizer, msgs, add_generation_prompt=True)
         return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
 
-    def stream(self, messages: list[dict], settings: GenerationSettings, adapter: str | None) -> Iterator[str]:
+    def stream(self, messages: list[dict], settings: GenerationSettings, adapter: str | None,
+               threads: int | None = None) -> Iterator[str]:
         """Yield the reply text as it grows. `adapter=None` generates with the adapters switched off.
 
         The lock is taken inside the generation thread, never across a `yield`: Gradio may resume a
@@ -121,7 +122,13 @@ class ChatEngine:
         error: list[BaseException] = []
 
         def work():
+            before = torch.get_num_threads()
             try:
+                if threads:
+                    # OpenMP thread counts are per calling thread: this caps this generation, so a chat beside
+                    # a running training does not oversubscribe the cores and stall both. torch also keeps the
+                    # value as the default for new threads, hence the restore below.
+                    torch.set_num_threads(threads)
                 with self.lock:
                     model = self.model
                     has_peft = hasattr(model, "disable_adapter")
@@ -135,6 +142,9 @@ class ChatEngine:
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
                 error.append(e)
                 streamer.end()
+            finally:
+                if threads:
+                    torch.set_num_threads(before)
 
         t = threading.Thread(target=work, daemon=True, name="chat-generate")
         t.start()

@@ -60,6 +60,12 @@ class Studio:
             self.job = TrainingJob(run=run, resume=True).start()
             return self.job
 
+    def chat_threads(self) -> int | None:
+        """Chat beside a running training gets one CPU thread; on a GPU, or with no training, no cap."""
+        import torch
+
+        return 1 if self.busy() and not torch.cuda.is_available() else None
+
     def stop(self) -> bool:
         job = self.job
         if job is None or not job.alive:

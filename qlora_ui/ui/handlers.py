@@ -231,7 +231,7 @@ def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, 
     shown = history + [{"role": "assistant", "content": ""}]
     yield shown, "", history
     reply = ""
-    for reply in studio.chat.stream(history, settings, name):
+    for reply in studio.chat.stream(history, settings, name, threads=studio.chat_threads()):
         shown[-1] = {"role": "assistant", "content": reply}
         yield shown, "", history
     history = history + [{"role": "assistant", "content": reply.strip()}]
@@ -254,10 +254,10 @@ def compare_with_base(studio: Studio, run_name, adapter, system, temperature, to
     settings = _settings(system, temperature, top_p, max_new_tokens, seed)
     messages = [{"role": "user", "content": msg}]
     base = ""
-    for base in studio.chat.stream(messages, settings, None):
+    for base in studio.chat.stream(messages, settings, None, threads=studio.chat_threads()):
         yield base, ""
     tuned = ""
-    for tuned in studio.chat.stream(messages, settings, name):
+    for tuned in studio.chat.stream(messages, settings, name, threads=studio.chat_threads()):
         yield base, tuned
 
 
