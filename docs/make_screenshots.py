@@ -20,6 +20,17 @@ sys.path.insert(0, str(ROOT))
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, plot_points, start_app  # noqa: E402
 
 
+def runs_tab_shot(page, run_name: str, out: Path) -> None:
+    page.get_by_label("Runs to compare").click()
+    page.get_by_role("option", name=run_name).last.click()
+    page.keyboard.press("Escape")
+    page.get_by_label("Run", exact=True).last.click()
+    page.get_by_role("option", name=run_name).last.click()
+    page.wait_for_selector("text=python -m qlora_ui train", timeout=30_000)
+    time.sleep(2)
+    page.screenshot(path=str(out / "runs.png"), full_page=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
@@ -95,14 +106,7 @@ def main() -> int:
             page.get_by_role("tab", name="Runs").click()
             page.get_by_role("button", name="↻ Refresh").click()
             time.sleep(2)
-            page.get_by_label("Runs to compare").click()
-            page.get_by_role("option", name=run.name).click()
-            page.keyboard.press("Escape")
-            page.get_by_label("Run", exact=True).last.click()
-            page.get_by_role("option", name=run.name).click()
-            page.wait_for_selector("text=python -m qlora_ui train", timeout=30_000)
-            time.sleep(2)
-            page.screenshot(path=str(out / "runs.png"), full_page=True)
+            runs_tab_shot(page, run.name, out)
             b.close()
     finally:
         proc.terminate()
