@@ -14,8 +14,11 @@ def quantization_evidence(path: str | Path = QUALITY_RESULTS) -> str:
 
     A neutral pointer when the results file is missing or unreadable (e.g. an installed package without the repo).
     """
+    p = Path(path)
+    if not p.is_file() and p == QUALITY_RESULTS:
+        p = QUALITY_RESULTS.parent / "quick" / QUALITY_RESULTS.name  # only the --quick run is committed
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8"))
         ratio = float(next(r["ratio"] for r in data["table"] if r["key"] == "nf4_dq"))
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
         return f"How NF4 QLoRA compares with 16-bit LoRA on the bundled model: see {_WHERE}."
