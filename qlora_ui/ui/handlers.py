@@ -216,16 +216,21 @@ def _settings(system, temperature, top_p, max_new_tokens, seed):
                               max_new_tokens=int(max_new_tokens), seed=int(seed or 0))
 
 
-def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
-                 history) -> Iterator[tuple]:
+def _load_for_chat(studio: Studio, run_name, adapter, msg) -> tuple[str, str | None]:
+    """(the stripped message, the loaded adapter's name or None for the base), or a gr.Error saying why not."""
     msg = (msg or "").strip()
     if not msg:
         raise gr.Error("Type a message first.")
     try:
         cfg, path = _chat_target(studio, run_name, adapter)
-        name = studio.chat.load(cfg, path)
+        return msg, studio.chat.load(cfg, path)
     except user_errors() as e:
         raise to_gr_error(e) from None
+
+
+def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
+                 history) -> Iterator[tuple]:
+    msg, name = _load_for_chat(studio, run_name, adapter, msg)
     history = list(history or []) + [{"role": "user", "content": msg}]
     settings = _settings(system, temperature, top_p, max_new_tokens, seed)
     shown = history + [{"role": "assistant", "content": ""}]
@@ -241,16 +246,9 @@ def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, 
 def compare_with_base(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed,
                       msg) -> Iterator[tuple[str, str]]:
     """The same prompt and seed through one loaded base, adapter off then on."""
-    msg = (msg or "").strip()
-    if not msg:
-        raise gr.Error("Type a message first.")
-    if not run_name or run_name == BASE_ONLY:
+    if (msg or "").strip() and (not run_name or run_name == BASE_ONLY):
         raise gr.Error("Pick a run with an adapter to compare against the base model.")
-    try:
-        cfg, path = _chat_target(studio, run_name, adapter)
-        name = studio.chat.load(cfg, path)
-    except user_errors() as e:
-        raise to_gr_error(e) from None
+    msg, name = _load_for_chat(studio, run_name, adapter, msg)
     settings = _settings(system, temperature, top_p, max_new_tokens, seed)
     messages = [{"role": "user", "content": msg}]
     base = ""
