@@ -27,6 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Folder whose model subfolders the app may load (repeatable). Default ./models.")
     p.add_argument("--max-file-size", default="200mb", help="Upload cap, e.g. 200mb or 1gb.")
     p.add_argument("--preset", default="cpu-quickstart", help="Preset the form opens with.")
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="Let requests turn on trust_remote_code / allow_pickle (a model's own Python, pickle "
+                        "weights). Off by default: anyone who can use the app could run code on this machine.")
+    p.add_argument("--allowed-models", action="append", default=None, metavar="PATTERN",
+                   help="Hub ids a request may load (repeatable; shell-style patterns like 'meta-llama/*'). "
+                        "Default: any. Local folders are governed by --model-root.")
     return p.parse_args(argv)
 
 
@@ -35,13 +41,17 @@ def read_auth(args) -> list[tuple[str, str]] | None:
     if args.auth:
         pairs.append(args.auth)
     if args.auth_file:
+        mode = Path(args.auth_file).stat().st_mode
+        if mode & 0o002:
+            raise ValueError(f"--auth-file {args.auth_file} is writable by every user of this machine, who could "
+                             f"add a login of their own. Fix it with: chmod 600 {args.auth_file}")
         pairs += [line.strip() for line in Path(args.auth_file).read_text(encoding="utf-8").splitlines()
                   if line.strip() and not line.startswith("#")]
     out = []
     for pair in pairs:
         user, sep, pw = pair.partition(":")
         if not sep or not user or not pw:
-            raise SystemExit("error: auth must be USER:PASS (one per line in --auth-file).")
+            raise ValueError("auth must be USER:PASS (one per line in --auth-file).")
         out.append((user, pw))
     return out or None
 
@@ -66,9 +76,21 @@ def check_exposure(args, auth) -> str | None:
     return None
 
 
+def exposure_warnings(args) -> list[str]:
+    out = []
+    if args.allow_remote_code and (args.share or not is_loopback(args.host)):
+        out.append("--allow-remote-code on a shared app: every signed-in user can make this machine run a model "
+                   "repository's Python code. Use --allowed-models to limit which hub models can be named.")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    auth = read_auth(args)
+    try:
+        auth = read_auth(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     problem = check_exposure(args, auth)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -82,14 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_ui.ui.app import CSS, build_app
 
     roots = args.model_root or ["models"]
-    studio = Studio(args.runs_dir, model_roots=roots)
+    studio = Studio(args.runs_dir, model_roots=roots, allow_remote_code=args.allow_remote_code,
+                    allowed_models=args.allowed_models)
+    for warning in exposure_warnings(args):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     demo = build_app(studio, preset=args.preset)
     demo.queue(default_concurrency_limit=4)
-    launch = dict(server_name=args.host, server_port=args.port, auth=auth, max_file_size=args.max_file_size,
+    from qlora_ui.webguard import LoginThrottle, install_same_origin_guard
+
+    launch = dict(server_name=args.host, server_port=args.port, auth=LoginThrottle(auth) if auth else None,
+                  max_file_size=args.max_file_size,
                   css=CSS, show_error=True, auth_message="QLoRA Studio: sign in." if auth else None,
                   allowed_paths=[str(Path("presets/data").resolve())], prevent_thread_lock=True)
     # Gradio catches a failed tunnel itself and keeps serving locally; we only make the outcome plain.
     demo.launch(share=args.share, **launch)
+    install_same_origin_guard(demo.app)
     print(f"QLoRA Studio on {demo.local_url}", flush=True)
     if args.share:
         if demo.share_url:

@@ -18,6 +18,10 @@ from .config import ModelConfig, QuantConfig, RunConfig
 log = logging.getLogger(__name__)
 
 GENERATED_FLAG = "_qlora_studio_generated"
+# Prompt tokens one chat request may send. Prompt time grows with the square of its length on a CPU (a 1 MB
+# message held the app for minutes); the oldest turns are dropped first, a single message over it is refused.
+MAX_PROMPT_TOKENS = 2048
+MAX_MESSAGE_CHARS = 8000
 
 
 def mark_generated(model) -> None:
@@ -88,14 +92,37 @@ class ChatEngine:
             self.adapters[name] = adapter_path
             return name
 
-    def _prompt_ids(self, messages: list[dict], settings: GenerationSettings):
-        msgs = list(messages)
-        if settings.system_prompt and not any(m["role"] == "system" for m in msgs):
-            msgs = [{"role": "system", "content": settings.system_prompt}] + msgs
+    def _prompt_ids(self, messages: list[dict], settings: GenerationSettings, max_tokens: int | None = None):
+        """Token ids of the rendered conversation, cut to fit: the oldest turns go first; a last message that
+        cannot fit on its own is refused with its size and the limit."""
+        from .config import ConfigError
         from .data import render_chat  # the same rendering (and fallback template) as training
 
-        text = render_chat(self.tokenizer, msgs, add_generation_prompt=True)
-        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        msgs = list(messages)
+        for m in msgs:
+            if len(m.get("content") or "") > MAX_MESSAGE_CHARS:
+                raise ConfigError([f"Message: {len(m['content']):,} characters is too long; the limit is "
+                                   f"{MAX_MESSAGE_CHARS:,}. Send a shorter message."])
+        system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt and not any(
+            m["role"] == "system" for m in msgs) else []
+        budget = self.prompt_budget(settings) if max_tokens is None else max_tokens
+        while True:
+            text = render_chat(self.tokenizer, system + msgs, add_generation_prompt=True)
+            inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            n = inputs["input_ids"].shape[1]
+            if n <= budget:
+                return inputs
+            turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
+            if len(turns) <= 1:
+                raise ConfigError([f"Message: {n:,} tokens with the chat template is more than this chat "
+                                   f"accepts ({budget:,}, leaving room for the reply). Send a shorter message."])
+            # Drop the oldest user/assistant pair (or the oldest turn), never the newest message.
+            drop = turns[:2] if len(turns) > 2 else turns[:1]
+            msgs = [m for i, m in enumerate(msgs) if i not in drop]
+
+    def prompt_budget(self, settings: GenerationSettings) -> int:
+        ctx = getattr(getattr(self.model, "config", None), "max_position_embeddings", None) or MAX_PROMPT_TOKENS
+        return max(16, min(MAX_PROMPT_TOKENS, int(ctx) - int(settings.max_new_tokens)))
 
     def stream(self, messages: list[dict], settings: GenerationSettings, adapter: str | None,
                threads: int | None = None) -> Iterator[str]:
@@ -108,13 +135,22 @@ class ChatEngine:
         import contextlib
 
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         inputs = self._prompt_ids(messages, settings)
         tok = self.tokenizer
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        cancelled = threading.Event()
+
+        class Cancelled(StoppingCriteria):
+            # Set when the reader goes away (browser closed, request cancelled): stop at the next token instead
+            # of generating for nobody while other people's chats wait for the model.
+            def __call__(self, input_ids, scores, **kw):
+                return cancelled.is_set()
+
         kwargs = dict(**inputs, streamer=streamer, max_new_tokens=int(settings.max_new_tokens),
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      stopping_criteria=StoppingCriteriaList([Cancelled()]))
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
         else:
@@ -148,10 +184,17 @@ class ChatEngine:
 
         t = threading.Thread(target=work, daemon=True, name="chat-generate")
         t.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text
+        text, done = "", False
+        try:
+            for piece in streamer:
+                text += piece
+                yield text
+            done = True
+        finally:
+            # Runs when the consumer closes or drops this generator (GeneratorExit) too.
+            if not done:
+                cancelled.set()
+                log.info("chat reply abandoned by its reader: generation stopped after %d characters", len(text))
         t.join()
         if error:
             raise error[0]

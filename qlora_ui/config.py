@@ -30,10 +30,16 @@ class ConfigError(ValueError):
         super().__init__("\n".join(f"- {p}" for p in self.problems))
 
 
+# Longest text a field accepts. The app may be shared: a 5 MB system prompt once held the one-at-a-time data
+# inspection for minutes, so every free-text field is capped before anything parses or tokenizes it.
+SHORT_TEXT = 256
+
+
 def fld(default: Any, help: str, *, min: float | None = None, max: float | None = None,
-        step: float | None = None, log: bool = False, ui: bool = True, factory: Any = None):
+        step: float | None = None, log: bool = False, ui: bool = True, factory: Any = None,
+        max_chars: int = SHORT_TEXT):
     """A dataclass field with the metadata the form, the CLI and validation read."""
-    meta = {"help": help, "min": min, "max": max, "step": step, "log": log, "ui": ui}
+    meta = {"help": help, "min": min, "max": max, "step": step, "log": log, "ui": ui, "max_chars": max_chars}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,7 +48,7 @@ def fld(default: Any, help: str, *, min: float | None = None, max: float | None 
 @dataclass
 class ModelConfig:
     base_model: str = fld(BUNDLED_MODEL, "Base model: the bundled SmolLM2-135M-Instruct, a local Hugging Face "
-                          "folder, or a hub id (needs internet).")
+                          "folder, or a hub id (needs internet).", max_chars=1024)
     revision: str | None = fld(None, "Hub revision (branch, tag or commit) when base_model is a hub id.")
     trust_remote_code: bool = fld(False, "Run Python code shipped with the model. Only for models you trust.")
     allow_pickle: bool = fld(False, "Allow loading pickle `.bin` weights (can run arbitrary code). "
@@ -71,18 +77,20 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    data_path: str = fld("", "Dataset file: CSV, JSON, JSONL, Parquet or TXT.")
+    data_path: str = fld("", "Dataset file: CSV, JSON, JSONL, Parquet or TXT.", max_chars=4096)
     data_format: Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "prompt_completion", "text",
                          "guanaco"] = fld("auto", "Dataset format; 'auto' detects it from the columns.")
-    column_map: dict[str, str] = fld(None, "Rename columns before detection, e.g. {'question': 'instruction', "
-                                     "'answer': 'output'}.", factory=dict, ui=False)
+    column_map: dict[str, str] = fld(None, "Rename columns before detection: file column=expected column, "
+                                     "comma-separated, e.g. question=instruction, answer=output.", factory=dict,
+                                     ui=False, max_chars=2000)
     max_length: int = fld(512, "Longest example in tokens; longer rows are dropped (not truncated).",
                           min=16, max=32768, step=16)
     eval_fraction: float = fld(0.05, "Share of rows held out for eval loss (0 = no eval).", min=0.0, max=0.5,
                                step=0.01)
     train_on_source: bool = fld(False, "Also train on the prompt tokens. Off = train on responses only, "
                                 "like the paper's train_on_source=False.")
-    system_prompt: str = fld("", "System prompt added to every example that has none (empty = none).")
+    system_prompt: str = fld("", "System prompt added to every example that has none (empty = none).",
+                             max_chars=4000)
     max_rows: int = fld(0, "Use at most this many rows (0 = all).", min=0, max=10_000_000, step=1)
 
 
@@ -126,7 +134,7 @@ SECTIONS: dict[str, type] = {
 @dataclass
 class RunConfig:
     name: str = fld("run", "Run name; the run folder is runs/<timestamp>-<name>.")
-    runs_dir: str = fld("runs", "Folder that holds the run folders.")
+    runs_dir: str = fld("runs", "Folder that holds the run folders.", max_chars=4096)
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -204,6 +212,12 @@ def choices(f: dataclasses.Field) -> tuple | None:
     return get_args(t) if get_origin(t) is Literal else None
 
 
+def _short(v: Any, n: int = 60) -> str:
+    """A value echoed in an error message, cut: a request may post megabytes into any field."""
+    s = str(v)
+    return s if len(s) <= n else s[:n] + f"… ({len(s):,} characters)"
+
+
 def coerce(f: dataclasses.Field, value: Any) -> Any:
     """Turn a CLI string / form value / YAML scalar into the field's type, or raise ValueError."""
     t = field_type(f)
@@ -214,7 +228,7 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
     if get_origin(t) is Literal:
         v = str(value)
         if v not in get_args(t):
-            raise ValueError(f"'{v}' is not one of {', '.join(get_args(t))}")
+            raise ValueError(f"'{_short(v)}' is not one of {', '.join(get_args(t))}")
         return v
     base = t
     if get_origin(t) is not None and type(None) in get_args(t):  # X | None
@@ -229,37 +243,80 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             return True
         if s in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"'{value}' is not true/false")
+        raise ValueError(f"'{_short(value)}' is not true/false")
     if base is int:
         if isinstance(value, bool):
             raise ValueError("expected a whole number")
         try:
             fv = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"'{value}' is not a whole number") from None
+            raise ValueError(f"'{_short(value)}' is not a whole number") from None
         if not math.isfinite(fv) or fv != int(fv):
-            raise ValueError(f"'{value}' is not a whole number")
+            raise ValueError(f"'{_short(value)}' is not a whole number")
         return int(fv)
     if base is float:
         try:
             fv = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"'{value}' is not a number") from None
+            raise ValueError(f"'{_short(value)}' is not a number") from None
         if not math.isfinite(fv):
             raise ValueError(f"'{value}' is not a finite number")
         return fv
     if get_origin(base) is dict or base is dict:
-        if isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
+        return parse_column_map(value, f.metadata.get("max_chars", SHORT_TEXT))
+    s = str(value)
+    cap = f.metadata.get("max_chars", SHORT_TEXT)
+    if len(s) > cap:
+        raise ValueError(f"{len(s):,} characters is too long; the limit is {cap:,}")
+    return s
+
+
+def parse_column_map(value: Any, cap: int = 2000) -> dict[str, str]:
+    """`question=instruction, answer=output` (the documented form; spaces allowed), or a flat JSON / Python dict.
+
+    Never YAML: its aliases let a few hundred bytes expand to gigabytes, and this text comes from web requests.
+    """
+    import ast
+    import json
+
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
         s = str(value).strip()
+        if len(s) > cap:
+            raise ValueError(f"{len(s):,} characters is too long; the limit is {cap:,}")
         if not s:
             return {}
-        parsed = yaml.safe_load(s) if s.startswith("{") else dict(
-            part.split("=", 1) for part in s.split(",") if "=" in part)
-        if not isinstance(parsed, dict):
-            raise ValueError("expected a mapping like question=instruction,answer=output")
-        return {str(k): str(v) for k, v in parsed.items()}
-    return str(value)
+        if s.startswith("{"):
+            try:
+                parsed = json.loads(s)
+            except ValueError:
+                try:
+                    parsed = ast.literal_eval(s)  # {'question': 'instruction'}: literals only, nothing runs
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
+                    raise ValueError("write it as question=instruction, answer=output") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("write it as question=instruction, answer=output")
+            items = list(parsed.items())
+        else:
+            items = []
+            for part in s.split(","):
+                if not part.strip():
+                    continue
+                src, sep, dst = part.partition("=")
+                if not sep:
+                    raise ValueError(f"'{part.strip()}' has no '='; write it as question=instruction, "
+                                     "answer=output")
+                items.append((src, dst))
+    out = {}
+    for k, v in items:
+        if not isinstance(k, (str, int, float)) or not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            raise ValueError("each entry maps one column name to another, e.g. question=instruction")
+        k, v = str(k).strip(), str(v).strip()
+        if not k or not v:
+            raise ValueError("a column name is empty; write it as question=instruction, answer=output")
+        out[k] = v
+    return out
 
 
 def validate_fields(cfg: RunConfig) -> list[str]:
@@ -342,14 +399,24 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
 
 # ---- presets ----
 
+def user_presets_dir(presets_dir: Path = PRESETS_DIR) -> Path:
+    """Presets saved from the app live apart from the bundled ones, so a save can never replace a recipe
+    that every other user of a shared app loads."""
+    return presets_dir / "user"
+
+
 def list_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:
-    return sorted(p.stem for p in presets_dir.glob("*.yaml"))
+    names = {p.stem for d in (presets_dir, user_presets_dir(presets_dir)) for p in d.glob("*.yaml")}
+    return sorted(n for n in names if not n.startswith("."))
 
 
 def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> RunConfig:
+    ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name or "")
     path = presets_dir / f"{name}.yaml"
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or not path.is_file():
-        raise ConfigError([f"preset '{name}' not found; available: {', '.join(list_presets(presets_dir))}"])
+    if ok and not path.is_file():
+        path = user_presets_dir(presets_dir) / f"{name}.yaml"
+    if not ok or not path.is_file():
+        raise ConfigError([f"preset '{_short(name)}' not found; available: {', '.join(list_presets(presets_dir))}"])
     cfg = load_yaml(path)
     # Relative data paths in presets are relative to the repo, so presets work from any cwd.
     if cfg.data.data_path and not Path(cfg.data.data_path).is_absolute():
@@ -358,11 +425,17 @@ def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> RunConfig:
 
 
 def save_preset(cfg: RunConfig, name: str, presets_dir: Path = PRESETS_DIR) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-        raise ConfigError([f"preset name '{name}': use letters, digits, '.', '_' or '-'"])
-    presets_dir.mkdir(parents=True, exist_ok=True)
-    path = presets_dir / f"{name}.yaml"
-    save_yaml(cfg, path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name or ""):
+        raise ConfigError([f"preset name '{_short(name)}': use 1-64 letters, digits, '.', '_' or '-', starting with "
+                           "a letter or digit"])
+    if (presets_dir / f"{name}.yaml").is_file():
+        raise ConfigError([f"preset name '{name}' is a bundled preset and cannot be replaced; pick another name"])
+    out = user_presets_dir(presets_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    save_yaml(cfg, tmp)
+    tmp.replace(path)  # write, then rename: a half-written preset is never listed
     return path
 
 

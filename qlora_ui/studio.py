@@ -24,7 +24,8 @@ class StudioBusy(RuntimeError):
 
 class Studio:
     def __init__(self, runs_dir: str | Path = "runs", model_roots: list[str | Path] | None = None,
-                 presets_dir: str | Path | None = None):
+                 presets_dir: str | Path | None = None, allow_remote_code: bool = False,
+                 allowed_models: list[str] | None = None):
         from .config import PRESETS_DIR
 
         self.presets_dir = Path(presets_dir) if presets_dir else PRESETS_DIR
@@ -32,6 +33,11 @@ class Studio:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         # Folders a user may type model paths from; a typed path outside these is refused.
         self.model_roots = [Path(p).resolve() for p in (model_roots or [])]
+        # Running a model's own Python (auto_map) or unpickling its weights is the operator's decision at launch
+        # (--allow-remote-code), never a form value: anyone on a shared link can post any form value.
+        self.allow_remote_code = allow_remote_code
+        # Hub ids a request may name (fnmatch patterns); None = any.
+        self.allowed_models = list(allowed_models) if allowed_models else None
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
         self.chat = ChatEngine()
@@ -46,6 +52,7 @@ class Studio:
             if self.busy():
                 raise StudioBusy(f"A training run is already in progress ({self.job.run.name}, step "
                                  f"{self.job.step}/{self.job.max_steps or '?'}). Stop it first: one run at a time.")
+            self.check_model(cfg.model)
             cfg = cfg.updated(runs_dir=str(self.runs_dir))
             self.job = TrainingJob(cfg).start()
             return self.job
@@ -57,6 +64,7 @@ class Studio:
             run = self.open(run_name)
             if run.state == "running":
                 raise StudioBusy(f"{run.name} is running in another process.")
+            self.check_model(run.config().model)
             self.job = TrainingJob(run=run, resume=True).start()
             return self.job
 
@@ -93,19 +101,57 @@ class Studio:
         shutil.rmtree(run.path)
 
     # ---- models ----
+    def check_model(self, m) -> None:
+        """Everything a request may not decide about a model: remote code, pickles, paths, hub ids."""
+        problems = []
+        if not self.allow_remote_code:
+            if m.trust_remote_code:
+                problems.append("trust_remote_code: this app was started without --allow-remote-code, so a request "
+                                "cannot make it run Python code shipped with a model. Turn the option off; whoever "
+                                "runs the app can restart it with --allow-remote-code for models they trust.")
+            if m.allow_pickle:
+                problems.append("allow_pickle: this app was started without --allow-remote-code, so a request cannot "
+                                "make it unpickle model weights (a pickle can run code). Turn the option off and use "
+                                "a model with .safetensors weights.")
+        if problems:
+            raise ConfigError(problems)
+        self.check_model_path(m.base_model)
+
+    def is_hub_id(self, name: str) -> bool:
+        from .config import BUNDLED_MODEL
+
+        # The same rule as modeling.resolve_model_path: 'org/name' that is not a local path.
+        return (name != BUNDLED_MODEL and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+                and not Path(name).expanduser().exists())
+
     def check_model_path(self, name: str) -> None:
         """Typed local paths must sit under an allowed root (the app may be shared over a public link)."""
+        from fnmatch import fnmatchcase
+
         from .config import BUNDLED_MODEL
 
         if name == BUNDLED_MODEL:
             return
-        p = Path(name).expanduser()
-        if not (name.startswith((".", "/", "~")) or p.exists()):
-            return  # a hub id
-        p = p.resolve()
+        if self.is_hub_id(name):
+            if self.allowed_models is not None and not any(fnmatchcase(name, pat) for pat in self.allowed_models):
+                raise ConfigError([f"base model '{name}' is not one of the hub models this app may load "
+                                   f"({', '.join(self.allowed_models)}). Whoever runs the app sets them with "
+                                   "--allowed-models."])
+            return
+        p = Path(name).expanduser().resolve()
         if self.model_roots and not any(p == r or r in p.parents for r in self.model_roots):
             raise ConfigError([f"model path '{name}' is outside the folders this app may read "
-                               f"({', '.join(map(str, self.model_roots))}). Start the app with --model-root."])
+                               f"({', '.join(self.shown_path(r) for r in self.model_roots)}). Put the model in one "
+                               "of them, or start the app with --model-root."])
+
+    @staticmethod
+    def shown_path(p: Path) -> str:
+        """A server path as users see it: relative to the app's folder when inside it, else its last part only
+        (absolute paths tell a stranger on a shared link how the host is laid out)."""
+        try:
+            return str(Path(p).resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return f".../{Path(p).name}"
 
     def tokenizer_for(self, base_model: str):
         """Tokenizers are small and slow to build: cache one per base model for the data preview."""

@@ -92,3 +92,25 @@ def bad_model_folders(root: Path, tiny: Path) -> dict[str, Path]:
     out["a_file"].write_bytes(b"not a folder")
     out["missing"] = root / "does-not-exist"
     return out
+
+
+def fake_hub_repo(cache: Path, repo_id: str, model_dir: Path, marker: Path) -> Path:
+    """A hub repository already in the offline hub cache (HF_HUB_CACHE layout) whose config asks, via auto_map,
+    for Python code that leaves `marker` when it is imported: what a hub id with trust_remote_code would run."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snap, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    conf = json.loads((snap / "config.json").read_text())
+    conf["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                        "AutoModelForCausalLM": "configuration_evil.EvilForCausalLM"}
+    (snap / "config.json").write_text(json.dumps(conf))
+    (snap / "configuration_evil.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('remote code ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n\n"
+        "class EvilConfig(LlamaConfig):\n    pass\n\n\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    return repo

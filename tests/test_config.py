@@ -90,3 +90,25 @@ def test_cli_command_reproduces_the_config():
     add_cli_flags(p)
     args = p.parse_args(argv)
     assert apply_cli_flags(load_preset(args.preset), args) == cfg
+
+
+def test_column_map_accepts_the_documented_form_with_spaces_and_never_yaml():
+    from qlora_ui.config import parse_column_map
+
+    want = {"question": "instruction", "answer": "output"}
+    for typed in ["question=instruction, answer=output", " question = instruction ,answer=output, ",
+                  '{"question": "instruction", "answer": "output"}', "{'question': 'instruction', 'answer': 'output'}"]:
+        assert parse_column_map(typed) == want, typed
+        assert RunConfig().updated(column_map=typed).data.column_map == want
+    for bad, words in [("question", "no '='"), ("=output", "empty"), ("{a: &a [x], b: *a}", "question=instruction"),
+                       ('{"a": {"b": "c"}}', "one column name"), ("a=b," * 1000, "too long")]:
+        with pytest.raises(ValueError, match=words):
+            parse_column_map(bad)
+
+
+def test_free_text_fields_are_capped_and_not_echoed_whole():
+    with pytest.raises(ConfigError) as e:
+        RunConfig().updated(system_prompt="s" * 10_000, name="n" * 1000, learning_rate="x" * 10_000)
+    text = str(e.value)
+    assert "system_prompt" in text and "limit is 4,000" in text and "name" in text and "limit is 256" in text
+    assert len(text) < 1000

@@ -126,10 +126,14 @@ def test_presets_fill_the_form_and_save_as_preset(tmp_path, tiny_model_dir):
     assert vals[FORM_KEYS.index("lora_r")] == 64 and vals[FORM_KEYS.index("lora_alpha")] == 16
     cfg_vals = values_for(tiny(tiny_model_dir, lora_r=12))
     upd = h.save_as_preset(studio, FORM_KEYS, "mine", *cfg_vals)
-    assert "mine" in upd["choices"] and config.load_yaml(presets / "mine.yaml").lora.lora_r == 12
-    with pytest.raises(gr.Error):
-        h.save_as_preset(studio, FORM_KEYS, "../evil", *cfg_vals)
-    assert not (tmp_path / "evil.yaml").exists()
+    # Saved apart from the bundled presets, listed and loaded like them.
+    assert "mine" in upd["choices"] and config.load_yaml(presets / "user" / "mine.yaml").lora.lora_r == 12
+    assert h.apply_preset(studio, FORM_KEYS, "mine")[FORM_KEYS.index("lora_r")] == 12
+    for bad in ["../evil", "qlora-paper", ".hidden"]:
+        with pytest.raises(gr.Error, match="preset name"):
+            h.save_as_preset(studio, FORM_KEYS, bad, *cfg_vals)
+    assert not (tmp_path / "evil.yaml").exists() and not list(presets.rglob(".*"))
+    assert config.load_yaml(presets / "qlora-paper.yaml").lora.lora_r == 64
 
 
 def test_metrics_file_torn_line_does_not_break_polling(studio, tiny_model_dir):

@@ -22,6 +22,7 @@ CSS = """
 .qs-progress { padding: 8px 4px; }
 .qs-bar { height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden; margin-top: 6px; }
 .qs-bar > div { height: 100%; transition: width .5s; }
+.qs-pre { white-space: pre-wrap; font-size: 13px; }
 .qs-msg { white-space: pre-wrap; margin-top: 6px; font-size: 13px; }
 """
 
@@ -70,6 +71,7 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         def refresh_memory(preset, *values):
             try:
                 cfg = h.cfg_from_values(list(keys), list(values))
+                studio.check_model(cfg.model)  # the planner reads config.json: only from allowed places
             except h.ConfigError:
                 return [gr.skip()] * len(mem_out)
             return update_memory_panel(cfg, preset)

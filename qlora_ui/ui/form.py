@@ -6,6 +6,8 @@ RunConfig with `cfg_from_values`, which collects every problem and raises once.
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any, get_args, get_origin
 
 import gradio as gr
@@ -95,6 +97,23 @@ def form_values(cfg: RunConfig, keys: list[str]) -> list[Any]:
             v = None
         out.append(v)
     return out
+
+
+# Markdown punctuation that can start a link, image, code span, emphasis or table cell anywhere in a line
+# ('_' only acts at word edges, and run names are full of it: left alone).
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|~])")
+
+
+def md_text(s: object) -> str:
+    """Text from a user's file, a run name or an error, made inert for gr.Markdown: HTML escaped (a CSV header
+    holding `<form>` or `<img src=...>` must show as text to every session that opens the run) and Markdown
+    punctuation backslash-escaped (no links, images or code fences to break out of)."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(s), quote=False))
+
+
+def pre_block(s: object) -> str:
+    """Preformatted text for gr.Markdown that nothing inside can end early (a ``` fence can be)."""
+    return f'<pre class="qs-pre">{html.escape(str(s), quote=False)}</pre>'
 
 
 def error_text(e: Exception) -> str:

@@ -5,6 +5,7 @@ Every user error is raised as `gr.Error` with a readable message; the app keeps 
 
 from __future__ import annotations
 
+import html
 import logging
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import gradio as gr
 from ..config import BUNDLED_MODEL, ConfigError, RunConfig, cli_command, load_preset, save_preset
 from ..studio import Studio, StudioBusy
 from .chat_tab import BASE_ONLY
-from .form import cfg_from_values, error_text, form_values
+from .form import cfg_from_values, error_text, form_values, md_text
 from .train_tab import progress_html
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def to_gr_error(e: BaseException) -> gr.Error:
-    return gr.Error(error_text(e), duration=None, title="Cannot do that")
+    # Toasts render HTML, and error texts quote file contents and names: escape them.
+    return gr.Error(html.escape(error_text(e), quote=False), duration=None, title="Cannot do that")
 
 
 def config_from(keys: list[str], values: tuple) -> RunConfig:
@@ -47,12 +49,18 @@ def inspect_data(studio: Studio, keys: list[str], *values) -> tuple:
     from .model_data_tab import inspect_upload, quant_summary
 
     cfg = config_from(keys, values)
+    try:
+        # Before anything reads the model's config.json (the memory estimate does): a path outside the model
+        # roots is refused without saying whether it exists.
+        studio.check_model(cfg.model)
+    except ConfigError as e:
+        return f"**Could not use this model.** {md_text(error_text(e))}", None, None, "", ""
     quant = quant_summary(cfg)
     try:
         summary, df, fig, example = inspect_upload(studio, cfg)
     except user_errors() as e:
         # A bad file: say what is wrong in place, keep the app and the form as they are.
-        return f"**Could not use this file.** {error_text(e)}", None, None, "", quant
+        return f"**Could not use this file.** {md_text(error_text(e))}", None, None, "", quant
     return summary, df, fig, example, quant
 
 
@@ -88,8 +96,7 @@ def start_training(studio: Studio, keys: list[str], *values) -> str:
     cfg = config_from(keys, values)
     try:
         cfg.validate(need_data=True)
-        studio.check_model_path(cfg.model.base_model)
-        job = studio.start(cfg)
+        job = studio.start(cfg)  # checks the model against what the operator allowed first
     except user_errors() as e:
         raise to_gr_error(e) from None
     if cfg.model.trust_remote_code:
@@ -122,8 +129,8 @@ def resume_info(studio: Studio, run_name: str | None) -> str:
         return error_text(e)
     cps = [c.name for c in run.checkpoints()]
     st = run.read_status()
-    return (f"**{run.name}** — {st['state']}: {st.get('message', '')}  \nCheckpoints: {', '.join(cps) or 'none'}."
-            f" Resume continues from **{cps[-1] if cps else 'the start'}**.")
+    return (f"**{md_text(run.name)}** — {md_text(st['state'])}: {md_text(st.get('message', ''))}  \n"
+            f"Checkpoints: {', '.join(cps) or 'none'}. Resume continues from **{cps[-1] if cps else 'the start'}**.")
 
 
 def resume_training(studio: Studio, run_name: str | None) -> str:
@@ -200,7 +207,14 @@ def _chat_target(studio: Studio, run_name: str | None, adapter: str | None) -> t
         return RunConfig().updated(base_model=BUNDLED_MODEL), None
     run = studio.open(run_name)
     cfg = run.config()
-    if not adapter or adapter == "final adapter":
+    studio.check_model(cfg.model)
+    if not adapter:
+        # No choice made (yet): the newest adapter the run has, final or checkpoint.
+        from ..chat import adapter_choices
+
+        found = adapter_choices(run.path)
+        path = found[0] if found else run.adapter_dir
+    elif adapter == "final adapter":
         path = run.adapter_dir
     else:
         path = run.checkpoints_dir / Path(adapter).name
@@ -210,22 +224,40 @@ def _chat_target(studio: Studio, run_name: str | None, adapter: str | None) -> t
 
 
 def _settings(system, temperature, top_p, max_new_tokens, seed):
-    from ..chat import GenerationSettings
+    from ..chat import MAX_MESSAGE_CHARS, GenerationSettings
 
+    if len(system or "") > MAX_MESSAGE_CHARS:
+        raise gr.Error(f"The system prompt is {len(system):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.")
     return GenerationSettings(system_prompt=system or "", temperature=float(temperature or 0), top_p=float(top_p),
                               max_new_tokens=int(max_new_tokens), seed=int(seed or 0))
 
 
 def _load_for_chat(studio: Studio, run_name, adapter, msg) -> tuple[str, str | None]:
     """(the stripped message, the loaded adapter's name or None for the base), or a gr.Error saying why not."""
+    from ..chat import MAX_MESSAGE_CHARS
+
     msg = (msg or "").strip()
     if not msg:
         raise gr.Error("Type a message first.")
+    if len(msg) > MAX_MESSAGE_CHARS:
+        raise gr.Error(f"Your message is {len(msg):,} characters; this chat takes at most {MAX_MESSAGE_CHARS:,}. "
+                       "Send a shorter message.")
     try:
         cfg, path = _chat_target(studio, run_name, adapter)
         return msg, studio.chat.load(cfg, path)
     except user_errors() as e:
         raise to_gr_error(e) from None
+
+
+def _guarded(replies: Iterator[str]) -> Iterator[str]:
+    """A reply stream whose user errors (a prompt over the token limit) become readable gr.Errors; closing this
+    closes the engine's stream too, which stops its generation."""
+    try:
+        yield from replies
+    except user_errors() as e:
+        raise to_gr_error(e) from None
+    finally:
+        replies.close()
 
 
 def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
@@ -236,7 +268,7 @@ def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, 
     shown = history + [{"role": "assistant", "content": ""}]
     yield shown, "", history
     reply = ""
-    for reply in studio.chat.stream(history, settings, name, threads=studio.chat_threads()):
+    for reply in _guarded(studio.chat.stream(history, settings, name, threads=studio.chat_threads())):
         shown[-1] = {"role": "assistant", "content": reply}
         yield shown, "", history
     history = history + [{"role": "assistant", "content": reply.strip()}]
@@ -252,10 +284,10 @@ def compare_with_base(studio: Studio, run_name, adapter, system, temperature, to
     settings = _settings(system, temperature, top_p, max_new_tokens, seed)
     messages = [{"role": "user", "content": msg}]
     base = ""
-    for base in studio.chat.stream(messages, settings, None, threads=studio.chat_threads()):
+    for base in _guarded(studio.chat.stream(messages, settings, None, threads=studio.chat_threads())):
         yield base, ""
     tuned = ""
-    for tuned in studio.chat.stream(messages, settings, name, threads=studio.chat_threads()):
+    for tuned in _guarded(studio.chat.stream(messages, settings, name, threads=studio.chat_threads())):
         yield base, tuned
 
 
@@ -301,16 +333,31 @@ def run_details(studio: Studio, run_name: str | None) -> tuple:
     except ConfigError as e:
         raise to_gr_error(e) from None
     s = run.summary()
-    details = (f"**{run.name}** · {s['status']} · step {s['step']} · {s['message']}  \n"
-               f"Folder: `{run.path}` · adapter: {'yes' if s['adapter'] else 'not yet'}")
+    details = (f"**{md_text(run.name)}** · {md_text(s['status'])} · step {s['step']} · {md_text(s['message'])}  \n"
+               f"Folder: {md_text(studio.shown_path(run.path))} · adapter: {'yes' if s['adapter'] else 'not yet'}")
     zip_path = zip_adapter(run) if run.has_adapter() else None
     return details, cli_command(cfg), gr.update(value=zip_path)
 
 
 def zip_adapter(run) -> str:
-    out_dir = Path(tempfile.mkdtemp(prefix="qlora-adapter-"))
-    base = out_dir / f"{run.name}-adapter"
-    return shutil.make_archive(str(base), "zip", root_dir=run.adapter_dir)
+    """One zip per adapter version, reused by every later call: a zip per click filled the temp folder
+    (20 clicks, 313 MB). Older versions of the same run's zip are removed when a new one is written."""
+    import hashlib
+    import os
+
+    files = sorted(p for p in run.adapter_dir.rglob("*") if p.is_file())
+    stamp = hashlib.sha1(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
+    version = stamp.hexdigest()[:12]
+    out_dir = Path(tempfile.gettempdir()) / f"qlora-studio-zips-{os.getuid()}"
+    out_dir.mkdir(mode=0o700, exist_ok=True)
+    target = out_dir / f"{run.name}-adapter-{version}.zip"
+    if not target.is_file():
+        for old in out_dir.glob(f"{run.name}-adapter-*.zip"):
+            old.unlink(missing_ok=True)
+        tmp = Path(shutil.make_archive(str(out_dir / f".{run.name}-{version}-{os.getpid()}"), "zip",
+                                       root_dir=run.adapter_dir))
+        tmp.replace(target)  # write, then rename: a download never gets a half-written zip
+    return str(target)
 
 
 def delete_run(studio: Studio, run_name: str | None) -> None:

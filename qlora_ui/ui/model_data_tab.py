@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..config import BUNDLED_MODEL, RunConfig
 from ..studio import Studio
-from .form import component_for
+from .form import component_for, pre_block
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def inspect_upload(studio: Studio, cfg: RunConfig) -> tuple[str, Any, Any, str]:
     d = cfg.data
     if not d.data_path:
         return "Upload a dataset file (CSV, JSON, JSONL, Parquet or TXT).", None, None, ""
-    studio.check_model_path(cfg.model.base_model)
+    studio.check_model(cfg.model)
     tok = studio.tokenizer_for(cfg.model.base_model)
     rep = inspect_file(d.data_path, tokenizer=tok, data_format=d.data_format, column_map=d.column_map,
                        max_length=d.max_length, system_prompt=d.system_prompt, train_on_source=d.train_on_source,
@@ -81,7 +81,8 @@ def inspect_upload(studio: Studio, cfg: RunConfig) -> tuple[str, Any, Any, str]:
     conv = getattr(rep, "example", None)
     if conv:
         example = segments_html(segments_for_preview(conv, tok, d.train_on_source))
-    return "```\n" + rep.summary() + "\n```", getattr(rep, "preview_df", None), fig, example
+    # The summary quotes column names and values from the file: escaped, in a block nothing can close early.
+    return pre_block(rep.summary()), getattr(rep, "preview_df", None), fig, example
 
 
 def build_model_data_tab(studio: Studio, initial: RunConfig) -> dict[str, Any]:
@@ -99,8 +100,11 @@ def build_model_data_tab(studio: Studio, initial: RunConfig) -> dict[str, Any]:
                 choices=choices, value=initial.model.base_model, allow_custom_value=True, label="Base model",
                 info="The bundled SmolLM2-135M-Instruct runs on any laptop. Or type a local folder path / hub id.")
             with gr.Accordion("Model safety", open=False):
-                c["trust_remote_code"] = comp("trust_remote_code")
-                c["allow_pickle"] = comp("allow_pickle")
+                # Whoever runs the app decides (--allow-remote-code); a form value alone can never turn these on.
+                locked = {} if studio.allow_remote_code else dict(
+                    interactive=False, info="Off: this app was started without --allow-remote-code.")
+                c["trust_remote_code"] = comp("trust_remote_code", **locked)
+                c["allow_pickle"] = comp("allow_pickle", **locked)
             gr.Markdown("### Quantization")
             for k in QUANT_KEYS:
                 c[k] = comp(k)
