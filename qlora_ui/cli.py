@@ -70,7 +70,9 @@ def train_main(args) -> int:
         if run.state == "running":
             return fail(f"run {run.name} is still running in another process (pid "
                         f"{run.read_status().get('pid')}). Stop it first.")
-        job = TrainingJob(run=run, resume=True)
+        # `--resume RUN --max-steps N` continues a run (a finished one too) to N steps in all.
+        extend = getattr(args, "cfg__max_steps", None)
+        job = TrainingJob(run=run, resume=True, extend_to=int(float(extend)) if extend is not None else None)
     else:
         job = TrainingJob(build_config(args))
     print(f"run folder: {job.run.path}", file=sys.stderr)

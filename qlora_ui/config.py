@@ -467,16 +467,34 @@ def apply_cli_flags(cfg: RunConfig, args) -> RunConfig:
     return cfg.updated(**values) if values else cfg
 
 
-def cli_command(cfg: RunConfig, preset: str | None = None) -> str:
-    """The `python -m qlora_ui train ...` command that reproduces this config."""
+def cli_command(cfg: RunConfig, preset: str | None = None, *, python: str = "python",
+                relative_to: Path | None = None, width: int = 0) -> str:
+    """The `python -m qlora_ui train ...` command that reproduces this config.
+
+    `relative_to`: write paths inside that folder relative to it (the command is run from there); `width`: wrap
+    into shell continuation lines of about that many characters (0 = one line)."""
     base = load_preset(preset) if preset else RunConfig()
-    parts = ["python -m qlora_ui train"] + ([f"--preset {preset}"] if preset else [])
+    parts = [f"{python} -m qlora_ui train"] + ([f"--preset {preset}"] if preset else [])
     for key, v in cfg.flat().items():
         if v != base.get(key):
             if isinstance(v, dict):
                 v = ",".join(f"{a}={b}" for a, b in v.items())
+            if relative_to is not None and isinstance(v, str) and v.startswith("/"):
+                try:
+                    v = str(Path(v).relative_to(relative_to))
+                except ValueError:
+                    pass
             parts.append(f"{cli_flag(key)} {_shell_quote(str(v))}")
-    return " ".join(parts)
+    if not width:
+        return " ".join(parts)
+    lines, cur = [], ""
+    for part in parts:
+        if cur and len(cur) + 1 + len(part) > width:
+            lines.append(cur)
+            cur = "  " + part
+        else:
+            cur = f"{cur} {part}" if cur else part
+    return " \\\n".join(lines + [cur])
 
 
 def _shell_quote(s: str) -> str:

@@ -477,7 +477,7 @@ def apply_column_map(records: list[dict], column_map: dict[str, str] | None) -> 
     cols = columns_of(records)
     missing = [src for src in column_map if src not in cols]
     if missing:
-        raise DataError(f"column_map renames {', '.join(repr(m) for m in missing)}, but the file has no such column "
+        raise DataError(f"Column map renames {', '.join(repr(m) for m in missing)}, but the file has no such column "
                         f"(columns found: {', '.join(cols)[:300]}). Use the names exactly as they appear in the file.")
     srcs, dsts = set(column_map), set(column_map.values())
     out = []
@@ -1037,6 +1037,18 @@ def _check_overhead(tokenizer, fmt: str, system_prompt: str, max_length: int) ->
         raise DataError(f"max_length {max_length} is smaller than the chat template's own overhead: an empty "
                         f"exchange already takes {overhead} tokens (markers and any default system prompt). "
                         f"Raise max_length well above {overhead}, e.g. to {max(64, 4 * overhead)}.")
+
+
+def check_file(cfg: DataConfig, *, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """Read, map and detect the dataset without tokenizing: the same DataError the upload panel shows, raised
+    before a run folder exists (a file already rejected in the panel must not start a run). Returns the format."""
+    if not cfg.data_path:
+        raise DataError(f"No dataset given. Choose a file ({SUPPORTED}).")
+    _, _, fmt, convs, _, report = _load(cfg.data_path, cfg.data_format, cfg.column_map, cfg.system_prompt,
+                                        cfg.max_rows, max_bytes)
+    if not convs:
+        raise _nothing_left(report, Path(cfg.data_path).name)
+    return fmt
 
 
 def prepare_dataset(cfg: DataConfig, tokenizer, seed: int, *, max_bytes: int = MAX_FILE_BYTES) -> PreparedData:

@@ -472,8 +472,10 @@ class Plan:
 
     def markdown(self) -> str:
         """One short paragraph for the UI: what the chosen method needs, the verdict and the fix."""
-        icon = {"fits": "✅", "tight": "⚠️", "will not fit": "⛔"}[self.verdict]
-        lines = [(f"{icon} **{self.verdict}** — {METHODS[self.method]} needs **{self.total_gb():.1f} GB** of "
+        # A coloured text badge, not an emoji: machines without an emoji font showed an empty box.
+        badge = {"fits": "qs-ok", "tight": "qs-warn", "will not fit": "qs-bad"}[self.verdict]
+        lines = [(f'<span class="qs-badge {badge}">{self.verdict.upper()}</span> — ' f"{METHODS[self.method]} needs "
+                  f"**{self.total_gb():.1f} GB** of "
                   f"{self.device_gb:.1f} GB {self.device_label} "
                   f"({self.shape.name}, {self.shape.total_params / 1e9:.2f}B params, batch {self.settings.batch} "
                   f"x {self.settings.seq} tokens, rank {self.settings.rank}).")]
@@ -634,10 +636,24 @@ def plan_figure(plan: Plan):
                     textposition="top center", showlegend=False, hoverinfo="skip")
     fig.add_hline(y=plan.device_gb, line_dash="dash", line_color="black",
                   annotation_text=f"{plan.device_label}: {plan.device_gb:.1f} GB", annotation_position="top left")
+    # Say on the chart what dominates, so the bars and the "NF4 saves X%" sentence beside them agree: on a small
+    # model the activations (and the 16-bit embeddings) outweigh the linear weights 4-bit shrinks.
+    b, full = plan.breakdown[plan.method], plan.breakdown["lora_16bit"]
+    w4 = (b["weights"] + b["quant_constants"]) / GB
+    w16 = full["weights"] / GB
+    top = max(PARTS, key=lambda part: b[part])
+    note = f"4-bit weights: {w4:.2f} GB vs {w16:.2f} GB in 16-bit"
+    if top != "weights":
+        note += f"; {top.replace('_', ' ')} ({b[top] / GB:.2f} GB) dominate this total"
+    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.16, showarrow=False, xanchor="left",
+                       font={"size": 11})
     # Linear axis on purpose: a log axis would distort the stacked parts.
-    fig.update_layout(barmode="stack", title=f"{plan.shape.name}: {METHODS[plan.method]} {plan.total_gb():.1f} GB "
-                      f"→ {plan.verdict}", yaxis_title="GB", legend_title="part", height=420,
-                      margin={"l": 50, "r": 20, "t": 60, "b": 40})
+    fig.update_layout(barmode="stack", title={"text": f"{plan.shape.name}: {plan.total_gb():.1f} GB → {plan.verdict}",
+                                              "font": {"size": 14}},
+                      yaxis_title="GB", legend_title="part", height=440,
+                      margin={"l": 50, "r": 20, "t": 50, "b": 90}, xaxis={"tickangle": 0, "automargin": True})
+    fig.update_xaxes(ticktext=[lb.replace(" (", "<br>(").replace("16-bit ", "16-bit<br>") for lb in labels],
+                     tickvals=labels)
     return fig
 
 

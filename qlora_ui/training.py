@@ -94,20 +94,51 @@ def _make_callback(job: TrainingJob):
     return JobCallback()
 
 
+def check_resumable(run: RunDir, extend_to: int | None = None) -> None:
+    """A finished run has nothing left to resume: resuming it used to train past its limit ("step 6/5") and
+    replace its adapter without a word. Continuing it is an explicit choice of a new, higher step count."""
+    from .config import ConfigError
+
+    if run.state != "finished":
+        return
+    done = max((r.get("step", 0) for r in run.read_metrics()), default=0)
+    if extend_to is not None and extend_to > done:
+        return
+    how = (f"To train it further, continue it to a higher step count (its adapter is replaced at the end): "
+           f"python -m qlora_ui train --resume {run.path.name} --max-steps {done + max(done, 10)}; or raise Max "
+           "steps in the form and start a new run.")
+    if extend_to is not None:
+        raise ConfigError([f"{run.name} already trained {done} steps; --max-steps {extend_to} adds none. {how}"])
+    raise ConfigError([f"{run.name} finished all {done} steps, so there is nothing to resume. {how}"])
+
+
 class TrainingJob:
     """A training run: `run()` blocks, `start()` runs it in a thread, `stop()` asks it to end and save."""
 
     def __init__(self, cfg: RunConfig | None = None, *, run: RunDir | None = None, resume: bool = False,
-                 listener: Listener | None = None, extra_callbacks: list | None = None):
+                 listener: Listener | None = None, extra_callbacks: list | None = None,
+                 extend_to: int | None = None):
         if cfg is None and run is None:
             raise ValueError("give a config or a run to resume")
         self.resume = resume
         self.cfg = run.config() if (resume and run is not None and cfg is None) else cfg
+        if resume and run is not None and extend_to is not None:
+            check_resumable(run, extend_to)
+            if extend_to != self.cfg.training.max_steps:
+                log.info("continuing %s to %d steps", run.name, extend_to)
+                self.cfg = self.cfg.updated(max_steps=extend_to)
+                run.write_config(self.cfg)
         self.cfg.validate(need_data=True)
         if not resume:
+            from .data import check_file
             from .modeling import preflight
 
-            preflight(self.cfg.model)  # a bad model is refused before a run folder exists
+            # A bad model or a bad file is refused before a run folder exists, with the message the data
+            # panel shows (not a failed run with a traceback in its log).
+            preflight(self.cfg.model)
+            check_file(self.cfg.data)
+        else:
+            check_resumable(run, extend_to)
         self.run: RunDir = run if run is not None else create_run(self.cfg)
         if not resume:
             self.cfg = copy_dataset_into(self.run, self.cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,20 @@ def test_train_runs_lists_and_resumes(tiny_model_dir, tmp_path):
     listed = cli("runs", "--runs-dir", runs)
     assert run.name in listed.stdout and "finished" in listed.stdout
 
-    # resume a finished run with a higher step target: continues from checkpoint-3's step count
-    cfg = (run / "config.yaml").read_text().replace("max_steps: 3", "max_steps: 5")
-    (run / "config.yaml").write_text(cfg)
-    again = cli("train", "--resume", run)
+    # A finished run has nothing to resume: refused, its adapter untouched.
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    refused = cli("train", "--resume", run)
+    assert refused.returncode == 2 and "nothing to resume" in refused.stderr and "--max-steps" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    # Continuing it is explicit: --max-steps 5 trains steps 4 and 5 from checkpoint-3's state.
+    again = cli("train", "--resume", run, "--max-steps", 5)
     assert again.returncode == 0, again.stderr
-    steps = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(steps) == 5
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5]
+    assert "max_steps: 5" in (run / "config.yaml").read_text()
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
 
 
 def test_bad_settings_exit_2_with_every_problem_and_no_traceback(tmp_path):

@@ -181,7 +181,7 @@ def test_exception_in_training_shows_failed_with_a_hint_in_the_ui(tiny_model_dir
     monkeypatch.undo()
     run = studio.job.run
 
-    prog, fig, log, _ = h.poll_training(studio, None)  # what the Train tab shows
+    prog, fig, log, _, _ = h.poll_training(studio, None)  # what the Train tab shows
     assert 'data-state="failed"' in prog and "out of memory" in prog.lower()
     assert "batch_size" in prog and "gradient_checkpointing" in prog  # the hint
     table, _, _, resumable = h.runs_table(studio)  # the Runs tab

@@ -67,6 +67,10 @@ def test_inspect_shows_format_histogram_and_masked_example(studio, tiny_model_di
     assert "qs-trained" in example and "qs-masked" in example
 
 
+def is_skip(value) -> bool:
+    return value == gr.skip()
+
+
 def test_one_training_per_app_and_poll_reattaches(studio, tiny_model_dir):
     vals = values_for(tiny(tiny_model_dir))
     h.start_training(studio, FORM_KEYS, *vals)
@@ -75,21 +79,28 @@ def test_one_training_per_app_and_poll_reattaches(studio, tiny_model_dir):
     deadline = time.time() + 120
     while studio.job.step < 2 and time.time() < deadline:
         time.sleep(0.1)
-    prog, fig, log, seen = h.poll_training(studio, None)
-    assert 'data-state="running"' in prog and fig is not None and "training" in log
-    # a second session (fresh state) gets the whole curve too; an unchanged poll skips the redraw
-    prog2, fig2, _, seen2 = h.poll_training(studio, None)
-    assert fig2 is not None
+    assert studio.job.step >= 2, "training did not reach step 2 in 120 s"
+    prog, fig, log, seen, stop = h.poll_training(studio, None)
+    assert 'data-state="running"' in prog and "training" in log and stop["interactive"] is True
+    assert not is_skip(fig) and len(fig.data[0].x) >= 1
     run = studio.job.run
     with pytest.raises(gr.Error, match="training right now"):
         h.delete_run(studio, run.name)
     h.stop_training(studio)
     assert studio.job.wait(60) == "stopped"
+    # A second session (fresh state) reattaches and draws the whole curve: one point per loss row on disk.
+    prog2, fig2, _, seen2, stop2 = h.poll_training(studio, None)
+    losses = [r["step"] for r in run.read_metrics() if "loss" in r]
+    assert list(fig2.data[0].x) == losses and len(losses) >= 2
+    assert 'data-state="stopped"' in prog2 and stop2["interactive"] is False
+    # Polling again with the state it returned, with nothing new on disk, skips every redraw.
+    again = h.poll_training(studio, seen2)
+    assert all(is_skip(v) for v in again[:3] + again[4:]) and again[3] == seen2
     assert run.has_adapter()
     df, *_ = h.runs_table(studio)
     assert run.name in set(df["name"]) and "stopped" in set(df["status"])
     details, cmd, dl = h.run_details(studio, run.name)
-    assert cmd.startswith("python -m qlora_ui train") and dl["value"].endswith(".zip")
+    assert cmd.startswith(".venv/bin/python -m qlora_ui train") and dl["value"].endswith(".zip")
     h.delete_run(studio, run.name)
     assert not run.path.exists()
 

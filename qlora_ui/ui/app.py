@@ -22,7 +22,19 @@ CSS = """
 .qs-progress { padding: 8px 4px; }
 .qs-bar { height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden; margin-top: 6px; }
 .qs-bar > div { height: 100%; transition: width .5s; }
-.qs-pre { white-space: pre-wrap; font-size: 13px; }
+.qs-pre { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 13px; max-width: 100%; }
+.qs-badge { display: inline-block; padding: 1px 8px; border-radius: 4px; font-weight: 600; font-size: 12px;
+            color: #fff; letter-spacing: .03em; }
+.qs-ok { background: #16a34a; } .qs-warn { background: #b45309; } .qs-bad { background: #dc2626; }
+#runs-table th, #runs-table th * { word-break: normal !important; overflow-wrap: normal !important; }
+/* Phones: nothing may be wider than the screen; plot toolbars hide (they covered axis labels). */
+@media (max-width: 640px) {
+  .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
+  .qs-pre, .qs-example { font-size: 12px; }
+  .modebar-container { display: none !important; }
+  #train-actions > * { min-width: 45% !important; }
+  .qs-progress-head { font-size: 13px; }
+}
 .qs-msg { white-space: pre-wrap; margin-top: 6px; font-size: 13px; }
 """
 
@@ -37,7 +49,7 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
     initial = load_preset(preset, studio.presets_dir) if preset else RunConfig()
     with gr.Blocks(title="QLoRA Studio") as demo:
         gr.Markdown("# QLoRA Studio\nFine-tune a 4-bit base model with LoRA adapters — on this machine.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Model & Data", id="model-data"):
                 md = build_model_data_tab(studio, initial)
             with gr.Tab("Train", id="train"):
@@ -56,7 +68,8 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         inspect_out = [md["data_summary"], md["data_preview"], md["data_hist"], md["data_example"], md["quant_info"]]
         # One listener for every trigger, run one at a time with the latest values: a slow inspection
         # started by an earlier change can never overwrite the result of a later upload.
-        triggers = [form["data_path"].upload, form["data_path"].clear, form["column_map"].blur] + [
+        triggers = [form["data_path"].upload, form["data_path"].clear, form["column_map"].blur,
+                    form["column_map"].submit] + [
             form[k].change for k in ["data_format", "max_length", "train_on_source", "system_prompt", "base_model",
                                      "max_rows", *QUANT_KEYS]]
         gr.on(triggers, partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="minimal",
@@ -97,7 +110,9 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         tr["resume"].click(partial(h.resume_training, studio), tr["resume_run"], tr["progress"],
                            api_name="resume_training")
         tr["timer"].tick(partial(h.poll_training, studio), tr["seen"],
-                         [tr["progress"], tr["plot"], tr["log"], tr["seen"]], show_progress="hidden", api_name=False)
+                         [tr["progress"], tr["plot"], tr["log"], tr["seen"], tr["stop"]], show_progress="hidden",
+                         api_name=False)
+        form["data_path"].upload(h.name_from_upload, form["data_path"], form["name"], api_name=False)
 
         # Chat
         chat_settings = [ch["run"], ch["checkpoint"], ch["system"], ch["temperature"], ch["top_p"],
@@ -108,8 +123,11 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
                          outputs=[ch["chatbot"], ch["msg"], ch["history"]])
         ch["send"].click(**send_args, api_name="chat")
         ch["msg"].submit(**send_args, api_name=False)
+        # The answers sit below the chat: bring them into view, or the button seems to do nothing.
         ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"]],
-                            [ch["cmp_base"], ch["cmp_adapter"]], api_name="compare_with_base")
+                            [ch["cmp_base"], ch["cmp_adapter"]], api_name="compare_with_base",
+                            js="(...args) => { document.querySelector('#cmp-row')?.scrollIntoView("
+                               "{behavior: 'smooth', block: 'center'}); return args; }")
         ch["clear"].click(lambda: ([], [], "", ""), None, [ch["chatbot"], ch["history"], ch["cmp_base"],
                                                           ch["cmp_adapter"]], api_name=False)
 
@@ -120,11 +138,13 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         rn["run"].change(partial(h.run_details, studio), rn["run"], [rn["details"], rn["command"], rn["download"]],
                          api_name="run_details")
         rn["resume"].click(partial(h.resume_training, studio), rn["run"], tr["progress"], api_name=False)
+        rn["download"].click(partial(h.download_hint, studio), rn["run"], None, api_name=False)
         rn["delete"].click(partial(h.delete_run, studio), rn["run"], None, api_name="delete_run").then(
             partial(h.runs_table, studio), None, table_out, api_name=False)
 
         # On page load (and reload): fill the lists and the memory plan, reattach to a running job.
-        demo.load(partial(h.runs_table, studio), None, table_out, api_name=False)
+        demo.load(partial(h.runs_table, studio, preselect=True), None, table_out, api_name=False)
+        demo.load(partial(h.restore_page, studio, keys), None, [tabs] + inputs + [tr["progress"]], api_name=False)
         demo.load(partial(h.chat_runs, studio), None, ch["run"], api_name=False)
         demo.load(refresh_memory, [tr["preset"]] + inputs, mem_out, api_name=False)
         demo.load(partial(h.inspect_data, studio, keys), inputs, inspect_out, api_name=False)

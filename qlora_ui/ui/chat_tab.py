@@ -33,7 +33,7 @@ def build_chat_tab() -> dict[str, Any]:
         c["send"] = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
         c["compare"] = gr.Button("Compare with base", scale=1, elem_id="compare-btn")
         c["clear"] = gr.Button("Clear", scale=1)
-    with gr.Row(visible=True):
+    with gr.Row(visible=True, elem_id="cmp-row"):
         c["cmp_base"] = gr.Textbox(label="Base model", lines=6, interactive=False, elem_id="cmp-base")
         c["cmp_adapter"] = gr.Textbox(label="With adapter", lines=6, interactive=False, elem_id="cmp-adapter")
     c["history"] = gr.State([])  # per session: the conversation as role/content messages

@@ -112,12 +112,13 @@ def stop_training(studio: Studio) -> None:
         gr.Warning("No training is running.")
 
 
+RESUMABLE = ("stopped", "interrupted", "failed")
+
+
 def resumable_runs(studio: Studio) -> list[str]:
-    out = []
-    for r in studio.runs():
-        if r.state in ("stopped", "interrupted", "failed", "finished") and r.last_checkpoint() is not None:
-            out.append(r.name)
-    return out
+    """Runs that ended before their last step. A finished run is complete: resuming it trained past its
+    limit. A run with no checkpoint is offered too; resuming it starts over, and says so."""
+    return [r.name for r in studio.runs() if r.state in RESUMABLE and not studio.in_use(r)]
 
 
 def resume_info(studio: Studio, run_name: str | None) -> str:
@@ -129,8 +130,10 @@ def resume_info(studio: Studio, run_name: str | None) -> str:
         return error_text(e)
     cps = [c.name for c in run.checkpoints()]
     st = run.read_status()
+    then = (f"Resume continues from **{cps[-1]}**." if cps else
+            "No checkpoint was saved, so Resume **starts over at step 1** in the same run folder.")
     return (f"**{md_text(run.name)}** — {md_text(st['state'])}: {md_text(st.get('message', ''))}  \n"
-            f"Checkpoints: {', '.join(cps) or 'none'}. Resume continues from **{cps[-1] if cps else 'the start'}**.")
+            f"Checkpoints: {', '.join(cps) or 'none'}. {then}")
 
 
 def resume_training(studio: Studio, run_name: str | None) -> str:
@@ -140,7 +143,9 @@ def resume_training(studio: Studio, run_name: str | None) -> str:
         job = studio.resume(run_name)
     except user_errors() as e:
         raise to_gr_error(e) from None
-    gr.Info(f"Resuming {job.run.name}")
+    ckpt = job.run.last_checkpoint()
+    gr.Info(f"Resuming {job.run.name} from {ckpt.name}" if ckpt else
+            f"{job.run.name} has no checkpoint: training starts over at step 1 in the same run folder.")
     return progress_html("running", job.step, job.max_steps, None, None, job.run.name, "resuming…")
 
 
@@ -162,14 +167,14 @@ def poll_training(studio: Studio, seen: tuple | None) -> tuple:
 
     job = studio.job
     if job is None:
-        return gr.skip(), gr.skip(), gr.skip(), seen
+        return gr.skip(), gr.skip(), gr.skip(), seen, gr.skip()
     run = job.run
     rows = run.read_metrics()  # the run folder is the truth: a reload or a second browser sees the whole curve
     st = run.read_status()
     state = job.state if job.state in ("failed", "stopped", "finished") else st.get("state", job.state)
     key = (run.name, len(rows), state, job.phase)
     if seen == key:
-        return gr.skip(), gr.skip(), gr.skip(), seen
+        return gr.skip(), gr.skip(), gr.skip(), seen, gr.skip()
     last = next((r for r in reversed(rows) if "loss" in r), {})
     total = job.max_steps or st.get("max_steps") or 0
     msg = job.error_message if state == "failed" else (job.phase if state == "running" else st.get("message", ""))
@@ -179,7 +184,8 @@ def poll_training(studio: Studio, seen: tuple | None) -> tuple:
     prog = progress_html(state, max(job.step, last.get("step", 0)), total, last.get("elapsed_s"), last.get("eta_s"),
                          run.name, msg, age)
     fig = training_figure(rows, title=run.name) if rows else gr.skip()
-    return prog, fig, tail(run.log_path), key
+    stop = gr.update(interactive=state == "running", variant="stop" if state == "running" else "secondary")
+    return prog, fig, tail(run.log_path), key, stop
 
 
 # ---- chat ----
@@ -293,13 +299,15 @@ def compare_with_base(studio: Studio, run_name, adapter, system, temperature, to
 
 # ---- runs ----
 
-def runs_table(studio: Studio) -> tuple:
+def runs_table(studio: Studio, preselect: bool = False) -> tuple:
+    """The Runs table and the run pickers fed from it. With `preselect` (page load), the newest run is
+    picked in the Runs tab (its curve shows at once) and the newest interrupted run is offered for Resume."""
     import pandas as pd
 
     from .runs_tab import RUN_COLUMNS
 
-    rows = []
-    for r in studio.runs():
+    rows, runs = [], studio.runs()
+    for r in runs:
         s = r.summary()
         s["step"] = f"{s['step']}/{s['max_steps'] or '?'}"
         for k in ("final_loss", "eval_loss"):
@@ -307,7 +315,67 @@ def runs_table(studio: Studio) -> tuple:
         rows.append({k: s[k] for k in RUN_COLUMNS})
     names = [r["name"] for r in rows]
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    return df, gr.update(choices=names), gr.update(choices=names), gr.update(choices=resumable_runs(studio))
+    resumable = resumable_runs(studio)
+    if not preselect:
+        return df, gr.update(choices=names), gr.update(choices=names), gr.update(choices=resumable)
+    newest = max(runs, key=lambda r: r.path.stat().st_mtime, default=None)
+    interrupted = [r for r in sorted(runs, key=lambda r: r.path.stat().st_mtime, reverse=True)
+                   if r.state == "interrupted" and r.name in resumable]
+    return (df, gr.update(choices=names, value=[newest.name] if newest else []),
+            gr.update(choices=names, value=newest.name if newest else None),
+            gr.update(choices=resumable, value=interrupted[0].name if interrupted else None))
+
+
+def restore_page(studio: Studio, keys: list[str]) -> list[Any]:
+    """On page load or reload: while a run trains, the form shows that run's settings and the Train tab opens
+    (a reload used to reset the form to the preset, so Start would have trained other settings); after a
+    restart, an interrupted run is announced beside its Resume button."""
+    job = studio.job
+    if job is not None and job.alive:
+        vals = form_values(job.cfg, keys)
+        data = Path(job.cfg.data.data_path or ".").resolve()
+        if not any(p == data or p in data.parents for p in (Path.cwd(), Path(tempfile.gettempdir()).resolve())):
+            # Gradio only hands out files from the app's folder or the temp folder: keep the shown file as is.
+            vals[keys.index("data_path")] = gr.skip()
+        return [gr.Tabs(selected="train")] + vals + [gr.skip()]
+    skip = [gr.skip()] * (1 + len(keys))
+    runs = sorted(studio.runs(), key=lambda r: r.path.stat().st_mtime, reverse=True)
+    cut = next((r for r in runs if r.state == "interrupted"), None)
+    if cut is None:
+        return skip + [gr.skip()]
+    from .train_tab import progress_html
+
+    ckpt = cut.last_checkpoint()
+    st = cut.read_status()
+    step = int(ckpt.name.split("-")[-1]) if ckpt else 0
+    msg = (f"The app stopped while this run was training. Press Resume to continue from {ckpt.name}." if ckpt else
+           "The app stopped while this run was training, before its first checkpoint. Press Resume to start it "
+           "over.")
+    return skip + [progress_html("interrupted", step, st.get("max_steps") or 0, None, None, cut.name, msg)]
+
+
+def name_from_upload(path: Any) -> Any:
+    """Runs are named after their dataset (`<time>-my_data`), so they can be told apart in Chat and Runs."""
+    import re
+
+    if not path:
+        return gr.skip()
+    stem = Path(getattr(path, "name", None) or str(path)).stem
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")[:64]
+    return name or gr.skip()
+
+
+def download_hint(studio: Studio, run_name: str | None) -> None:
+    """The download button does nothing without a file; say why instead."""
+    if not run_name:
+        gr.Warning("Pick a run first (the Run list beside this button): its adapter is what gets downloaded.")
+        return
+    try:
+        run = studio.open(run_name)
+    except ConfigError:
+        return
+    if not run.has_adapter():
+        gr.Warning(f"{run.name} has no adapter yet: it is saved when the run finishes or is stopped.")
 
 
 def overlay(studio: Studio, selected: list[str] | None) -> Any:
@@ -336,7 +404,9 @@ def run_details(studio: Studio, run_name: str | None) -> tuple:
     details = (f"**{md_text(run.name)}** · {md_text(s['status'])} · step {s['step']} · {md_text(s['message'])}  \n"
                f"Folder: {md_text(studio.shown_path(run.path))} · adapter: {'yes' if s['adapter'] else 'not yet'}")
     zip_path = zip_adapter(run) if run.has_adapter() else None
-    return details, cli_command(cfg), gr.update(value=zip_path)
+    # Runnable as written from the app's folder: the venv's python, paths relative to it, wrapped.
+    command = cli_command(cfg, python=".venv/bin/python", relative_to=Path.cwd(), width=100)
+    return details, command, gr.update(value=zip_path)
 
 
 def zip_adapter(run) -> str:

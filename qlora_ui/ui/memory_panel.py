@@ -38,5 +38,5 @@ def update_memory_panel(cfg: RunConfig, preset: str | None = None):
             return plan_figure(plan), preset_verdict(preset, cfg) + "\n\n" + plan.markdown()
         plan = plan_for_config(cfg)
     except ShapeError as e:
-        return None, f"ℹ️ No memory estimate: {e}"
+        return None, f"No memory estimate: {e}"
     return plan_figure(plan), plan.markdown()

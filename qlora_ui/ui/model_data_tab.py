@@ -82,7 +82,9 @@ def inspect_upload(studio: Studio, cfg: RunConfig) -> tuple[str, Any, Any, str]:
     if conv:
         example = segments_html(segments_for_preview(conv, tok, d.train_on_source))
     # The summary quotes column names and values from the file: escaped, in a block nothing can close early.
-    return pre_block(rep.summary()), getattr(rep, "preview_df", None), fig, example
+    nxt = ("\n\n**Next:** open the **Train** tab and press **Start training** (the settings there are ready to "
+           "go), or adjust the column mapping and options above first.")
+    return pre_block(rep.summary()) + nxt, getattr(rep, "preview_df", None), fig, example
 
 
 def build_model_data_tab(studio: Studio, initial: RunConfig) -> dict[str, Any]:

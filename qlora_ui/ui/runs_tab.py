@@ -23,5 +23,6 @@ def build_runs_tab() -> dict[str, Any]:
         c["resume"] = gr.Button("Resume this run", scale=1)
         c["delete"] = gr.Button("Delete run", variant="stop", scale=1)
     c["details"] = gr.Markdown()
-    c["command"] = gr.Code(label="Reproduce with the CLI", language="shell", interactive=False)
+    c["command"] = gr.Code(label="Reproduce with the CLI (from the app's folder)", language="shell",
+                           interactive=False, wrap_lines=True)
     return c

@@ -53,6 +53,18 @@ def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> d
         c["name"] = comp("name", scale=2)
         c["preset_name"] = gr.Textbox(label="New preset name", placeholder="my-recipe", scale=1)
         c["save_preset"] = gr.Button("Save as preset", scale=1)
+    # The actions and what they do come first: on a phone the settings below stack into a long column, and
+    # Start must not be 2,000 px down.
+    with gr.Row(elem_id="train-actions"):
+        c["start"] = gr.Button("Start training", variant="primary", elem_id="start-btn", min_width=120)
+        # Grey until a run is going (the poll turns it on): a bright red Stop with nothing to stop misleads.
+        c["stop"] = gr.Button("Stop", variant="secondary", elem_id="stop-btn", interactive=False, min_width=80)
+        c["resume_run"] = gr.Dropdown(label="Run to resume", choices=[], scale=2, elem_id="resume-run",
+                                      info="Stopped, interrupted or failed runs; finished runs are complete.")
+        c["resume"] = gr.Button("Resume", elem_id="resume-btn", min_width=80)
+    c["resume_info"] = gr.Markdown()
+    c["progress"] = gr.HTML(progress_html("idle", 0, 0, None, None, "no run yet"), elem_id="train-progress")
+    c["plot"] = gr.Plot(label="Training curves", elem_id="train-plot")
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown("### LoRA")
@@ -79,15 +91,6 @@ def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> d
             from .memory_panel import build_memory_panel
 
             c["memory"] = build_memory_panel()
-    with gr.Row():
-        c["start"] = gr.Button("Start training", variant="primary", elem_id="start-btn")
-        c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-        c["resume_run"] = gr.Dropdown(label="Run to resume", choices=[], scale=2,
-                                      info="Stopped, interrupted or failed runs with a checkpoint.")
-        c["resume"] = gr.Button("Resume", elem_id="resume-btn")
-    c["resume_info"] = gr.Markdown()
-    c["progress"] = gr.HTML(progress_html("idle", 0, 0, None, None, "no run yet"), elem_id="train-progress")
-    c["plot"] = gr.Plot(label="Training curves", elem_id="train-plot")
     c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     c["timer"] = gr.Timer(1.5)
     c["seen"] = gr.State(None)  # per session: (run, rows, state) last drawn, to skip unchanged redraws
