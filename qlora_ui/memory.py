@@ -625,7 +625,11 @@ def plan_figure(plan: Plan):
     colors = {"weights": "#4c72b0", "quant_constants": "#8172b2", "adapter": "#55a868", "gradients": "#dd8452",
               "optimizer": "#c44e52", "activations": "#937860"}
     names = list(METHODS)
-    labels = [METHODS[m] + (" ◀" if m == plan.method else "") for m in names]
+    # Short bar labels (the full method name is in the hover and the text beside the chart): long ones ran
+    # together on a phone.
+    short = {"full_finetune": "Full 16-bit", "lora_16bit": "LoRA 16-bit", "qlora_no_double_quant": "QLoRA",
+             "qlora": "QLoRA+DQ"}
+    labels = [short.get(m, m) + (" ◀" if m == plan.method else "") for m in names]
     fig = go.Figure()
     for part in PARTS:
         vals = [plan.breakdown[m][part] / GB for m in names]
@@ -644,16 +648,14 @@ def plan_figure(plan: Plan):
     top = max(PARTS, key=lambda part: b[part])
     note = f"4-bit weights: {w4:.2f} GB vs {w16:.2f} GB in 16-bit"
     if top != "weights":
-        note += f"; {top.replace('_', ' ')} ({b[top] / GB:.2f} GB) dominate this total"
-    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.16, showarrow=False, xanchor="left",
-                       font={"size": 11})
+        note += f"<br>{top.replace('_', ' ')} ({b[top] / GB:.2f} GB) dominate this total"
+    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.13, showarrow=False, xanchor="left",
+                       yanchor="top", align="left", font={"size": 11})
     # Linear axis on purpose: a log axis would distort the stacked parts.
     fig.update_layout(barmode="stack", title={"text": f"{plan.shape.name}: {plan.total_gb():.1f} GB → {plan.verdict}",
                                               "font": {"size": 14}},
-                      yaxis_title="GB", legend_title="part", height=440,
-                      margin={"l": 50, "r": 20, "t": 50, "b": 90}, xaxis={"tickangle": 0, "automargin": True})
-    fig.update_xaxes(ticktext=[lb.replace(" (", "<br>(").replace("16-bit ", "16-bit<br>") for lb in labels],
-                     tickvals=labels)
+                      yaxis_title="GB", height=480, legend={"orientation": "h", "y": -0.3, "x": 0},
+                      margin={"l": 50, "r": 10, "t": 50, "b": 130}, xaxis={"tickangle": 0, "automargin": True})
     return fig
 
 

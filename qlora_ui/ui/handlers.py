@@ -310,6 +310,7 @@ def runs_table(studio: Studio, preselect: bool = False) -> tuple:
     for r in runs:
         s = r.summary()
         s["step"] = f"{s['step']}/{s['max_steps'] or '?'}"
+        s["model"] = Path(str(s["model"])).name if str(s["model"]).startswith("/") else s["model"]
         for k in ("final_loss", "eval_loss"):
             s[k] = None if s[k] is None else round(s[k], 4)
         rows.append({k: s[k] for k in RUN_COLUMNS})

@@ -50,7 +50,7 @@ def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> d
         presets = list_presets(studio.presets_dir)
         c["preset"] = gr.Dropdown(choices=presets, value=preset,
                                   label="Preset", info="Loads a saved recipe into the form.", scale=2)
-        c["name"] = comp("name", scale=2)
+        c["name"] = comp("name", scale=2, elem_id="run-name")
         c["preset_name"] = gr.Textbox(label="New preset name", placeholder="my-recipe", scale=1)
         c["save_preset"] = gr.Button("Save as preset", scale=1)
     # The actions and what they do come first: on a phone the settings below stack into a long column, and
