@@ -48,7 +48,12 @@ def test_bad_form_values_raise_one_gr_error_naming_each(tiny_model_dir):
     with pytest.raises(gr.Error) as e:
         h.config_from(FORM_KEYS, tuple(vals))
     msg = str(e.value.message)
-    assert "lora_r" in msg and "learning_rate" in msg and "Batch size" in msg
+    # Named as the form labels them, with the key (the CLI flag / preset name) beside the label.
+    assert "LoRA rank (lora_r)" in msg and "Learning rate (learning_rate)" in msg and "Batch size" in msg
+    vals = values_for(tiny(tiny_model_dir))
+    vals[FORM_KEYS.index("column_map")] = "question"
+    with pytest.raises(gr.Error, match=r"Column map \(column_map\)"):
+        h.config_from(FORM_KEYS, tuple(vals))
 
 
 def test_inspect_reports_a_bad_file_in_place(studio, tiny_model_dir, tmp_path):

@@ -116,7 +116,19 @@ def pre_block(s: object) -> str:
     return f'<pre class="qs-pre">{html.escape(str(s), quote=False)}</pre>'
 
 
+def labelled(problem: str) -> str:
+    """'column_map: …' -> 'Column map (column_map): …': in the app a problem names the field as the form labels
+    it, and keeps the setting's key, which is also its CLI flag and its name in a preset."""
+    key, sep, rest = problem.partition(":")
+    if sep and key in FIELD_INDEX:
+        return f"{label_for(key)} ({key}):{rest}"
+    for k in sorted(FIELD_INDEX, key=len, reverse=True):  # "column_map renames …", "name 'x y': use …"
+        if problem.startswith(k + " "):
+            return f"{label_for(k)} ({k}){problem[len(k):]}"
+    return problem
+
+
 def error_text(e: Exception) -> str:
     if isinstance(e, ConfigError):
-        return "Please fix:\n" + "\n".join(f"• {p}" for p in e.problems)
+        return "Please fix:\n" + "\n".join(f"• {labelled(p)}" for p in e.problems)
     return str(e)
