@@ -1179,6 +1179,10 @@ def check_data_main(args) -> int:
               file=err)
         return 2
     print(report.summary(), file=out)
+    if report.rows_kept == 0 and report.rows_read > 0:
+        # Nothing to train on: the same message `train` gives, and the same exit code.
+        print(f"error: {_nothing_left(report, Path(args.file).name)}", file=err)
+        return 2
     if report.example is not None:
         print("\nExample (trained part " + ("in green" if out.isatty() else "«marked»") + "):", file=out)
         if report.example_segments:

@@ -50,3 +50,22 @@ def make_tiny_model(out: Path, tokenizer, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+def pytest_report_header(config):
+    """Say whether this CPU can show the 4-bit repack trap (AVX512-BF16): the CPU-trap tests
+    (test_eval_forward_leaves_4bit_lora_gradients_intact, test_eval_mid_training_keeps_*, the generate-trap
+    tests) guard against it, but only exercise it where bitsandbytes uses the repacking kernel."""
+    try:
+        import logging
+
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        from bitsandbytes.functional import has_avx512bf16
+
+        ok = bool(has_avx512bf16())
+    except Exception as e:  # noqa: BLE001 - a header must never break the run
+        return f"CPU AVX512-BF16: unknown ({e})"
+    if ok:
+        return "CPU AVX512-BF16: yes — the 4-bit repack trap can occur here, so the CPU-trap tests exercise it"
+    return ("CPU AVX512-BF16: NO — bitsandbytes never repacks here; the CPU-trap tests pass without exercising "
+            "the trap they guard against")

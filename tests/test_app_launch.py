@@ -34,7 +34,12 @@ def test_share_without_a_reachable_tunnel_says_so_and_keeps_serving(tmp_path):
         # Offline here: the tunnel fails, the app says so plainly and still serves locally (behind the login).
         assert "Could not create the public share link" in text or "Public link (login required)" in text, text
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
-            assert r.status == 200
+            assert r.status == 200  # the login page
+        # ...and the login holds: an API route answers 401 without it.
+        import httpx
+
+        r = httpx.post(f"http://127.0.0.1:{port}/gradio_api/call/list_runs", json={"data": []}, timeout=10)
+        assert r.status_code == 401, r.text
         assert proc.poll() is None
     finally:
         proc.terminate()

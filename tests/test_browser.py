@@ -188,7 +188,10 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
     page.get_by_role("textbox", name="Message").fill("Tell me a joke")
     page.get_by_role("button", name="Compare with base").click()
     page.wait_for_function("document.querySelector('#cmp-adapter textarea').value.length > 0", timeout=90_000)
-    assert page.locator("#cmp-base textarea").input_value()
+    base_reply = page.locator("#cmp-base textarea").input_value()
+    tuned_reply = page.locator("#cmp-adapter textarea").input_value()
+    # Same prompt, same seed, greedy: only the adapter differs, and the trained adapter changes the answer.
+    assert base_reply.strip() and tuned_reply.strip() and base_reply != tuned_reply, (base_reply, tuned_reply)
     page.screenshot(path=str(shots / "chat.png"), full_page=True)
 
     # Runs: the run is listed with its status, and the CLI command that reproduces it.

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,3 +99,18 @@ def test_unwritable_runs_dir_fails_before_training(tmp_path):
     blocker.write_text("x")
     out = cli("train", "--data", data, "--runs-dir", blocker / "runs")
     assert out.returncode == 2 and "not writable" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["random_bytes.jsonl", "missing_columns.csv", "all_empty.jsonl"])
+def test_a_bad_file_exits_2_from_check_data_and_train_with_the_same_message(name, tiny_model_dir, tmp_path):
+    """What docs/reliability.md says of every bad file: `check-data` and `train` print the message and exit 2
+    (train before any run folder exists), with no traceback."""
+    bad = ROOT / "tests" / "data" / "bad" / name
+    checked = cli("check-data", bad)
+    trained = cli("train", "--data", bad, "--model", tiny_model_dir, "--runs-dir", tmp_path / "runs")
+    assert checked.returncode == 2 and trained.returncode == 2, (checked.stderr, trained.stderr)
+    first = checked.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    assert first and first in trained.stderr, (checked.stderr, trained.stderr)
+    assert "Traceback" not in checked.stderr + trained.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -51,17 +51,20 @@ def test_full_finetune_65b_is_780gb():
 
 
 @pytest.mark.parametrize("precision", ["paper", "app"])
-def test_qlora_65b_between_33_and_48gb(precision):
+def test_qlora_65b_is_the_documented_figure(precision):
     cfg = cfg_for("llama-65b", batch_size=1, max_length=512, lora_r=64)
     plan = plan_for_config(cfg, 48, precision=precision)
     j = plan.to_json()
+    # The figures docs/memory.md states (47.0 GB with the paper's precisions; 51.2 GB with this app's fp32
+    # adapters and embeddings), to 1%: a drift of a gigabyte in the 65B headline is a regression.
     if precision == "paper":
-        assert 33 < j["qlora_gb"] < 48
-        assert j["verdict"] in ("fits", "tight")
+        assert j["qlora_gb"] == pytest.approx(46.98, rel=0.01)
+        assert j["verdict"] == "tight"
     else:
-        # This app keeps adapters and embeddings in fp32 (peft's defaults): 3 GB more, so on 48 GB it
+        # This app keeps adapters and embeddings in fp32 (peft's defaults): more than 48 GB, so on 48 GB it
         # runs only by paging optimizer state to CPU — which is what paged optimizers are for.
-        assert 33 < j["qlora_gb"] - plan.spillable_gb() < 48
+        assert j["qlora_gb"] == pytest.approx(51.23, rel=0.01)
+        assert j["qlora_gb"] - plan.spillable_gb() < 48 < j["qlora_gb"]
         assert j["verdict"] == "tight"
 
 
@@ -265,7 +268,7 @@ def test_cli_json_keys_and_paper_numbers(capsys):
     assert set(j["breakdown"]) == set(memory.METHODS)
     assert set(j["breakdown"]["qlora"]) == set(memory.PARTS)
     assert abs(j["full_finetune_gb"] - 780) / 780 < 0.05
-    assert j["device_gb"] == 48 and j["verdict"] in ("fits", "tight", "will not fit")
+    assert j["device_gb"] == 48 and j["verdict"] == "tight"  # 51.2 GB with paged optimizer state to spill
 
 
 def test_cli_text_and_flags(capsys):
@@ -308,6 +311,7 @@ def test_engine_does_not_import_gradio():
 
 GPU_PRESETS = {"gpu-7b-24gb": "llama-7b", "gpu-13b-24gb": "llama-13b", "gpu-33b-48gb": "llama-33b",
                "gpu-65b-48gb": "llama-65b"}
+GPU_VERDICTS = {"gpu-7b-24gb": "fits", "gpu-13b-24gb": "fits", "gpu-33b-48gb": "fits", "gpu-65b-48gb": "tight"}
 
 
 @pytest.mark.parametrize("name,shape", GPU_PRESETS.items())
@@ -318,7 +322,7 @@ def test_gpu_presets_fit_their_gpu(name, shape):
     assert cfg.lora.lora_r == 64 and cfg.lora.lora_alpha == 16 and cfg.training.optimizer == "paged_adamw_32bit"
     assert cfg.training.batch_size * cfg.training.grad_accum == 16
     plan = plan_for_config(cfg, memory.preset_target_gb(name))
-    assert plan.verdict in ("fits", "tight"), plan.markdown()
+    assert plan.verdict == GPU_VERDICTS[name], plan.markdown()
     assert name in memory.preset_verdict(name, cfg)
 
 
@@ -357,16 +361,26 @@ def test_memory_panel_builds_components():
 
 # ---------------------------------------------------------------- against a measured training step
 
-@pytest.mark.slow
-def test_estimate_within_30_percent_of_measured_step(tiny_model_dir):
-    """A real NF4 + LoRA training step (2 steps, so the optimizer state exists) on the tiny model: the planner's
-    step memory (gradients + optimizer + activations) against the measured peak RSS increase."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "measure_memory.py"), "--model", str(tiny_model_dir),
-                           "--batch", "2", "--seq", "128", "--json", "--threads", "1"],
+def measure(model: str, batch: int, seq: int) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "measure_memory.py"), "--model", model,
+                           "--batch", str(batch), "--seq", str(seq), "--json", "--threads", "1", "--also-trim"],
                           capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    row = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-    assert 0.7 <= row["ratio"] <= 1.3, row
+    return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["tiny", "bundled"])
+def test_estimate_matches_a_measured_step_as_documented(case, tiny_model_dir, bundled_dir):
+    """A real NF4 + LoRA training step (2 steps, so the optimizer state exists): the planner's step memory
+    (gradients + optimizer + activations) against the measured peak RSS increase, to what docs/memory.md claims:
+    within 20% of the RSS increase, within 8% of the live tensors (heap trimmed), the loaded model to 10%."""
+    model, batch, seq = (str(tiny_model_dir), 2, 128) if case == "tiny" else (str(bundled_dir), 2, 256)
+    rows = measure(model, batch, seq)
+    row = next(r for r in rows if "ratio" in r)
+    assert 0.8 <= row["ratio"] <= 1.2, row
+    trimmed = [r.get("ratio_trim") for r in rows if r.get("ratio_trim") is not None]
+    assert trimmed and all(0.92 <= t <= 1.08 for t in trimmed), rows
     # The loaded weights too: NF4 + constants + fp32 embeddings + adapters, against the tensors in memory.
     assert row["est_static_gb"] == pytest.approx(row["tensor_gb"], rel=0.1)
 

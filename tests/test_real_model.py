@@ -1,4 +1,4 @@
-"""The real bundled SmolLM2-135M-Instruct: GGUF -> bf16 cache -> NF4, 5 QLoRA steps, adapter reloads and generates."""
+"""The real bundled SmolLM2-135M-Instruct: GGUF -> bf16 cache -> NF4 QLoRA with falling loss; the adapter reloads."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_bundled_model_trains_5_steps_and_adapter_reloads(tmp_path, bundled_dir):
+def test_bundled_model_learns_in_10_steps_and_adapter_reloads(tmp_path, bundled_dir):
     import torch
     from peft import PeftModel
 
@@ -23,13 +23,16 @@ def test_bundled_model_trains_5_steps_and_adapter_reloads(tmp_path, bundled_dir)
     from qlora_ui.training import TrainingJob
 
     assert (bundled_dir / "model.safetensors").is_file() and (bundled_dir / "config.json").is_file()
-    cfg = load_preset("cpu-quickstart").updated(max_steps=5, save_steps=5, eval_steps=0, eval_fraction=0.02,
+    cfg = load_preset("cpu-quickstart").updated(max_steps=10, save_steps=10, eval_steps=0, eval_fraction=0.02,
                                                   runs_dir=str(tmp_path / "runs"), batch_size=4)
     job = TrainingJob(cfg)
     assert job.run_blocking() == "finished", job.error_message
     assert job.footprint_bytes > 0
     losses = [r["loss"] for r in job.run.read_metrics() if "loss" in r]
-    assert len(losses) == 5 and all(0 < x < 20 for x in losses)
+    assert len(losses) == 10 and all(0 < x < 20 for x in losses)
+    # It learns: the pirate answers' loss falls within ten steps at this learning rate (means of 3 steps, as
+    # single batches of 4 random rows are noisy).
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
 
     # The adapter loads with plain peft on a fresh 4-bit base and generates.
     base = load_base_model(str(bundled_dir), cfg.model, cfg.quantization)

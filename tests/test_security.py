@@ -200,7 +200,8 @@ def test_a_server_path_cannot_pose_as_an_upload(secured):
 def test_run_names_cannot_escape_the_runs_dir(secured):
     api = client(secured["url"])
     names = [r[0] for r in api.predict(api_name="/list_runs")[0]["data"]]
-    assert names == [secured["fake"].name]
+    # Exactly the runs in the runs folder, whatever other tests of this module left there.
+    assert sorted(names) == sorted(p.name for p in run_dirs(secured["tmp"] / "runs")) and secured["fake"].name in names
     assert secured["fake"].name in api.predict(secured["fake"].name, api_name="/run_details")[0]
     for name in ["../victim", str(secured["victim"]), "../../etc", "..", "../runs/../victim"]:
         for endpoint in ["/run_details", "/delete_run", "/resume_training"]:
@@ -223,6 +224,7 @@ def test_typed_model_paths_stay_inside_the_model_root(secured):
 
     api = client(secured["url"])
     root = secured["tmp"] / "models"
+    before = run_dirs(secured["tmp"] / "runs")
     for typed in [str(secured["outside"]), f"{root}/../outside-model", "/etc", "~/", "../../.."]:
         vals = form(fast_cfg(root / "tiny", secured["data"]), base_model=typed,
                     data_path=handle_file(str(secured["data"])))
@@ -234,7 +236,7 @@ def test_typed_model_paths_stay_inside_the_model_root(secured):
                 data_path=handle_file(str(secured["data"])))
     with pytest.raises(AppError, match="name '../../evil'"):
         api.predict(*vals, api_name="/start_training")
-    assert run_dirs(secured["tmp"] / "runs") == [secured["fake"]]
+    assert run_dirs(secured["tmp"] / "runs") == before
 
 
 def runs_client(url: str):
@@ -278,6 +280,7 @@ def test_remote_code_and_pickles_cannot_be_turned_on_by_a_request(secured):
     assert preset[FORM_KEYS.index("trust_remote_code")] is False and preset[FORM_KEYS.index("allow_pickle")] is False
 
     data = upload(c, secured["data"])
+    before = run_dirs(secured["tmp"] / "runs")
     attempts = [(HUB_REPO, dict(trust_remote_code=True), "trust_remote_code"),
                 (str(models["remote_code"]), dict(trust_remote_code=True), "trust_remote_code"),
                 (str(models["pickle_only"]), dict(allow_pickle=True), "allow_pickle"),
@@ -289,7 +292,7 @@ def test_remote_code_and_pickles_cannot_be_turned_on_by_a_request(secured):
         assert words in done["output"]["error"] and "--allow-remote-code" in done["output"]["error"], done
         summary = queue_call(c, "inspect_data", vals)[-1]["output"]["data"][0]
         assert "--allow-remote-code" in summary, summary
-    assert run_dirs(secured["tmp"] / "runs") == [secured["fake"]]
+    assert run_dirs(secured["tmp"] / "runs") == before
     assert not secured["hub_marker"].exists()
 
     # The cached repo is real bait: loaded with trust_remote_code outside the app, its code does run.
@@ -593,3 +596,21 @@ def test_a_world_writable_auth_file_is_refused(tmp_path):
     out = app_exit("--auth-file", str(auth), tmp=tmp_path)
     assert out.returncode == 2, out
     assert "chmod 600" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_loading_never_unpickles_a_bin_only_folder_without_allow_pickle(tmp_path, tiny_model_dir):
+    """The second line of defence behind the preflight check: the loader itself asks for safetensors only.
+    The folder holds only a booby-trapped pytorch_model.bin, so nothing else could be picked instead."""
+    import torch
+
+    from qlora_ui.config import ModelConfig, QuantConfig
+    from qlora_ui.modeling import load_base_model
+
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    torch.save(Evil(tmp_path / "PWNED"), folder / "pytorch_model.bin")
+    with pytest.raises(Exception) as e:
+        load_base_model(str(folder), ModelConfig(base_model=str(folder)), QuantConfig())
+    assert "safetensors" in str(e.value).lower(), e.value
+    assert not (tmp_path / "PWNED").exists()

@@ -86,20 +86,26 @@ def test_stop_saves_adapter_and_resume_continues_the_steps(tiny_model_dir, data_
     stopped_at = job.step
     assert 3 <= stopped_at < 30
     assert run.read_status()["state"] == "stopped"
+    assert run.read_status()["message"] == f"stopped at step {stopped_at}; adapter saved from the current weights"
     assert run.has_adapter()
     assert run.last_checkpoint().name == f"checkpoint-{stopped_at}"  # stop also leaves a resumable checkpoint
 
+    before = [r for r in run.read_metrics() if r["step"] <= stopped_at]
     resumed = TrainingJob(run=RunDir(run.path), resume=True)
     assert resumed.run_blocking() == "finished", resumed.error_message
     steps = steps_of(run.read_metrics())
     assert steps == list(range(1, 31))  # no duplicate, no missing step across the resume
+    # It continued from the checkpoint, not from step 0 over a truncated file: the rows up to the stop are the
+    # very rows written before it (same losses, same timestamps), and the log names the checkpoint.
+    assert [r for r in run.read_metrics() if r["step"] <= stopped_at] == before
+    assert f"resuming from {run.checkpoints_dir / f'checkpoint-{stopped_at}'}" in run.log_path.read_text()
 
 
 def test_resume_drops_metrics_after_the_checkpoint(tiny_model_dir, data_file, tmp_path):
     """A crash after checkpoint 4 but at step 6: the curve restarts cleanly from step 4."""
     cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, save_steps=4, eval_steps=0)
     job = TrainingJob(cfg)
-    job.run_blocking()
+    assert job.run_blocking() == "finished", job.error_message
     run = job.run
     import shutil
 
@@ -112,9 +118,12 @@ def test_resume_drops_metrics_after_the_checkpoint(tiny_model_dir, data_file, tm
     st["pid"] = 999_999  # a process that no longer exists
     run.status_path.write_text(json.dumps(st))
     assert run.read_status()["state"] == "interrupted"
+    kept = [r for r in run.read_metrics() if r["step"] <= 4]
     again = TrainingJob(run=RunDir(run.path), resume=True)
     assert again.run_blocking() == "finished"
     assert steps_of(run.read_metrics()) == [1, 2, 3, 4, 5, 6]
+    assert [r for r in run.read_metrics() if r["step"] <= 4] == kept  # rows up to checkpoint-4 untouched
+    assert f"resuming from {run.checkpoints_dir / 'checkpoint-4'}" in run.log_path.read_text()
 
 
 def test_eval_mid_training_keeps_lora_gradients(tiny_model_dir, data_file, tmp_path):
@@ -185,6 +194,20 @@ def test_a_model_that_generated_is_never_trained(tiny_model_dir):
     mark_generated(m)
     with pytest.raises(RuntimeError, match="generation"):
         prepare_for_training(m, LoraConfig(), False, True)
+
+
+def test_the_chat_engine_tags_every_model_it_generates_with(tiny_model_dir, data_file, tmp_path):
+    """As the app does it: a model the chat engine generated with (base or adapter) is refused for training.
+    If the engine stopped tagging its models, this fails."""
+    from qlora_ui.chat import ChatEngine, GenerationSettings
+    from qlora_ui.config import LoraConfig
+    from qlora_ui.modeling import prepare_for_training
+
+    engine = ChatEngine()
+    engine.load(tiny_cfg(tiny_model_dir, data_file, tmp_path))
+    engine.reply([{"role": "user", "content": "hi"}], GenerationSettings(max_new_tokens=2), None)
+    with pytest.raises(RuntimeError, match="generation"):
+        prepare_for_training(engine.model, LoraConfig(), False, True)
 
 
 def test_chat_engine_and_training_use_separate_instances(tiny_model_dir, data_file, tmp_path):

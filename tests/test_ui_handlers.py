@@ -115,10 +115,17 @@ def test_run_names_cannot_escape_the_runs_dir(studio, tmp_path):
     outside.mkdir()
     (outside / "config.yaml").write_text("name: x\n")
     from qlora_ui.config import ConfigError
+    from qlora_ui.runs import open_run
 
-    for name in ["../elsewhere", str(outside), "../../etc"]:
-        with pytest.raises(ConfigError):
+    # `outside` is a valid run folder: these are refused for where they point, not for lacking a config.
+    # The Studio keeps only a name's last part (so it looks inside the runs folder, where there is no such run);
+    # the engine's open_run, given the runs folder, refuses the escape by name.
+    for name in ["../elsewhere", str(outside), f"{studio.runs_dir}/../elsewhere"]:
+        with pytest.raises(ConfigError, match=r"is not a run folder"):
             studio.open(name)
+        with pytest.raises(ConfigError, match=r"is not a run inside"):
+            open_run(name if name != "../elsewhere" else f"{studio.runs_dir}/../elsewhere", studio.runs_dir)
+    assert open_run(outside).path == outside.resolve()  # it is a run: only where it lies keeps it out
 
 
 def test_typed_model_paths_are_confined_to_model_roots(studio, tmp_path):
