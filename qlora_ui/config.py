@@ -114,6 +114,12 @@ class TrainConfig:
                                step=0.05)
     gradient_checkpointing: bool = fld(True, "Recompute activations in backward: far less memory, ~30% slower.")
     group_by_length: bool = fld(True, "Batch examples of similar length together: less padding, faster.")
+    padding_free: bool = fld(True, "Pack each batch's rows into one sequence with per-row positions, so no "
+                             "padding is computed. Same loss; off = pad rows to the longest.")
+    labelled_head: bool = fld(True, "Run the output layer and the loss only on labelled (trained) tokens, in "
+                              "chunks. Same loss, far less memory; off = full logits.")
+    mixed_precision: bool = fld(True, "Autocast the 16-bit parts (embeddings, LoRA, output layer) to "
+                                "compute_dtype, on CPU too, and keep frozen weights in it. Off = fp32.")
     seed: int = fld(42, "Random seed for data order, LoRA init and dropout.", min=0, max=2**31 - 1, step=1)
     logging_steps: int = fld(1, "Log metrics every N steps.", min=1, max=10_000, step=1)
     eval_steps: int = fld(20, "Compute eval loss every N steps (0 = only at the end).", min=0, max=100_000,

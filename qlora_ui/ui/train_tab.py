@@ -15,7 +15,7 @@ LORA_KEYS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules"]
 MAIN_TRAIN_KEYS = ["max_steps", "epochs", "batch_size", "grad_accum", "learning_rate"]
 ADVANCED_TRAIN_KEYS = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm",
                        "gradient_checkpointing", "group_by_length", "seed", "logging_steps", "eval_steps",
-                       "save_steps", "save_total_limit"]
+                       "save_steps", "save_total_limit", "padding_free", "labelled_head", "mixed_precision"]
 
 
 def fmt_seconds(s: float | None) -> str:

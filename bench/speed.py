@@ -1,0 +1,312 @@
+"""Training speed and memory: this project's engine against a plain HF Trainer + peft + bitsandbytes script.
+
+    python bench/speed.py --quick          # 12 steps each (about 3 minutes on 2 CPU cores)
+    python bench/speed.py                  # 30 steps each, the issue's setting
+    python bench/speed.py --steps 20 --data my_alpaca.json --device cuda
+
+One invocation trains, each in its own subprocess (so neither's memory or threads leak into the other):
+  (a) baseline: the way the common tools write it: NF4 + double quant through BitsAndBytesConfig,
+      prepare_model_for_kbit_training, get_peft_model on all linear layers, HF Trainer with
+      DataCollatorForSeq2Seq padding, bf16 autocast (also on CPU), gradient checkpointing;
+  (b) ours: qlora_ui.training.TrainingJob (padding-free batches, labelled-positions head, bf16 autocast with
+      frozen weights in bf16);
+on the same model, the same tokenized rows in the same order, and the same hyperparameters (rows per step,
+LoRA r/alpha/dropout, cutoff, lr and schedule, optimizer, clipping, checkpointing). It prints median s/step,
+non-padding tokens/s, peak RSS (peak GPU memory on a GPU), the loss of the last step, the ratios ours/baseline
+and whether each goal is met. Run it alone on the machine: two CPU-heavy jobs on 2 cores slow each other 15-30x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GOALS = {"tokens_per_s": (">=", 1.5), "peak_rss": ("<=", 1.0), "last_loss": ("within", 0.02)}
+
+
+# ---------------------------------------------------------------- data
+
+def make_alpaca_rows(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca rows from chatterbot-corpus Q/A pairs (BSD), several pairs per row so lengths spread from about
+    100 to 450 tokens, as real instruction data does."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    root = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
+    pairs = []
+    for f in sorted(root.glob("*.yml")):
+        for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
+            if len(conv) >= 2 and all(isinstance(x, str) for x in conv[:2]):
+                pairs.append((conv[0].strip(), conv[1].strip()))
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.choice([2, 3, 4, 6, 8, 10, 12])
+        picked = rng.sample(pairs, k)
+        rows.append({"instruction": "Answer each of these questions in turn.\n" +
+                     "\n".join(f"{i + 1}. {q}" for i, (q, _) in enumerate(picked)),
+                     "input": "", "output": "\n".join(f"{i + 1}. {a}" for i, (_, a) in enumerate(picked))})
+    return rows
+
+
+# ---------------------------------------------------------------- children
+
+class StepTimer:
+    """A TrainerCallback recording each optimizer step's end time and the non-padding tokens seen so far."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.times, self.tokens, self.losses = [], [], {}
+
+            def on_step_end(self, args, state, control, **kw):
+                self.times.append(time.perf_counter())
+                self.tokens.append(int(state.num_input_tokens_seen))
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    self.losses[state.global_step] = float(logs["loss"])
+
+        return _Timer()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def child_result(timer, t_start: float) -> dict:
+    import torch
+
+    times = [t_start] + timer.times
+    step_s = [b - a for a, b in zip(times, times[1:])]
+    tokens = [b - a for a, b in zip([0] + timer.tokens, timer.tokens)]
+    warm = 2 if len(step_s) > 4 else 0  # the first steps allocate the optimizer state and warm the kernels
+    out = {"step_s": step_s, "tokens": tokens, "median_s_per_step": statistics.median(step_s[warm:]),
+           "tokens_per_s": sum(tokens[warm:]) / sum(step_s[warm:]), "losses": timer.losses,
+           "last_loss": timer.losses[max(timer.losses)] if timer.losses else None, "peak_rss_gb": peak_rss_gb()}
+    if torch.cuda.is_available():
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def run_baseline(spec: dict) -> dict:
+    """The plain script, as the common tools write it."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    torch.manual_seed(spec["seed"])
+    on_gpu = torch.cuda.is_available()
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": 0} if on_gpu else {"": "cpu"})
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"],
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    rows = json.loads(Path(spec["rows"]).read_text())
+    ds = datasets.Dataset.from_list(rows)
+    args = TrainingArguments(output_dir=spec["workdir"] + "/baseline", max_steps=spec["steps"],
+                             per_device_train_batch_size=spec["batch"], learning_rate=spec["lr"],
+                             lr_scheduler_type="cosine", optim="adamw_torch", max_grad_norm=1.0, seed=spec["seed"],
+                             data_seed=spec["seed"], logging_steps=1, save_strategy="no", report_to="none",
+                             bf16=True, use_cpu=not on_gpu, disable_tqdm=True, dataloader_num_workers=0,
+                             include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+                             gradient_checkpointing=False)  # already on through prepare_model_for_kbit_training
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer],
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    t0 = time.perf_counter()
+    trainer.train()
+    return child_result(timer, t0)
+
+
+def run_ours(spec: dict) -> dict:
+    import torch
+
+    from qlora_ui.config import RunConfig
+    from qlora_ui.training import TrainingJob
+
+    cfg = RunConfig().updated(
+        base_model=spec["model"], data_path=spec["data"], max_length=spec["cutoff"], eval_fraction=0.0,
+        max_steps=spec["steps"], batch_size=spec["batch"], grad_accum=1, learning_rate=spec["lr"],
+        lr_scheduler="cosine", warmup_ratio=0.0, optimizer="adamw_torch", max_grad_norm=1.0,
+        gradient_checkpointing=spec["gradient_checkpointing"], group_by_length=False, lora_r=spec["r"],
+        lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], seed=spec["seed"], save_steps=100_000,
+        eval_steps=0, runs_dir=spec["workdir"] + "/runs", name="speed",
+        **{k: v for k, v in spec.get("ours", {}).items()})
+    torch.manual_seed(spec["seed"])
+    timer = StepTimer()
+    job = TrainingJob(cfg, extra_callbacks=[timer])
+    t0 = [None]
+
+    class Start:  # the clock starts when training starts, as the baseline's does (not at model load)
+        def __new__(cls):
+            from transformers import TrainerCallback
+
+            class _S(TrainerCallback):
+                def on_train_begin(self, *a, **k):
+                    t0[0] = time.perf_counter()
+            return _S()
+
+    job.extra_callbacks.insert(0, Start())
+    state = job.run_blocking()
+    if state != "finished":
+        raise SystemExit(f"our run ended {state}: {job.error_message}")
+    return child_result(timer, t0[0])
+
+
+def child_main(which: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    res = run_baseline(spec) if which == "baseline" else run_ours(spec)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------- parent
+
+def run_child(which: str, spec: dict) -> dict:
+    path = Path(spec["workdir"]) / f"spec-{which}.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, __file__, "--child", which, str(path)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=3600)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        raise SystemExit(f"{which} failed:\n{p.stderr[-3000:]}")
+    res = json.loads(line[7:])
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def prepared_rows(data: Path, model: str, cutoff: int, seed: int) -> list[dict]:
+    """The rows our engine trains on, in its order: the baseline is given exactly these."""
+    from qlora_ui.config import DataConfig, ModelConfig
+    from qlora_ui.data import prepare_dataset
+    from qlora_ui.modeling import load_tokenizer
+
+    tok = load_tokenizer(model, ModelConfig(base_model=model))
+    prep = prepare_dataset(DataConfig(data_path=str(data), max_length=cutoff, eval_fraction=0.0), tok, seed=seed)
+    return [{"input_ids": r["input_ids"], "labels": r["labels"], "attention_mask": r["attention_mask"]}
+            for r in prep.train]
+
+
+def verdict(metric: str, ratio: float | None) -> str:
+    if ratio is None:
+        return "–"
+    op, goal = GOALS[metric]
+    ok = ratio >= goal if op == ">=" else ratio <= goal if op == "<=" else abs(ratio - 1) <= goal
+    return "yes" if ok else "no"
+
+
+def table(base: dict, ours: dict, title: str) -> str:
+    rows = [("median s/step", "median_s_per_step", None), ("non-padding tokens/s", "tokens_per_s", "tokens_per_s"),
+            ("peak RSS GB", "peak_rss_gb", "peak_rss"), ("loss at the last step", "last_loss", "last_loss")]
+    if "peak_gpu_gb" in base:
+        rows.append(("peak GPU GB", "peak_gpu_gb", None))
+    goal_text = {"tokens_per_s": ">= 1.5x", "peak_rss": "<= 1.0x", "last_loss": "within ±2%"}
+    out = [f"### {title}", "", "| measure | baseline | ours | ours / baseline | goal | met |",
+           "|---|---|---|---|---|---|"]
+    for label, key, goal in rows:
+        b, o = base.get(key), ours.get(key)
+        ratio = o / b if (b and o is not None) else None
+        out.append(f"| {label} | {b:.3f} | {o:.3f} | {ratio:.2f}x | {goal_text.get(goal, '')} | "
+                   f"{verdict(goal, ratio) if goal else ''} |" if b is not None and o is not None else
+                   f"| {label} | {b} | {o} | – | | |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="12 steps each")
+    p.add_argument("--data", help="an alpaca-style file (default: 300 rows built from chatterbot-corpus)")
+    p.add_argument("--model", default=None, help="a local model folder (default: the bundled SmolLM2-135M)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--cutoff", type=int, default=512)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child_main(*args.child)
+        return 0
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from qlora_ui.modeling import ensure_bundled_model
+
+    model = args.model or str(ensure_bundled_model())
+    steps = 12 if args.quick else args.steps
+    with tempfile.TemporaryDirectory(prefix="qlora-speed-") as work:
+        data = Path(args.data) if args.data else Path(work) / "alpaca300.json"
+        if not args.data:
+            data.write_text(json.dumps(make_alpaca_rows(300)))
+        rows = prepared_rows(data, model, args.cutoff, seed=42)
+        (Path(work) / "rows.json").write_text(json.dumps(rows))
+        lengths = sorted(len(r["input_ids"]) for r in rows)
+        spec = dict(model=model, data=str(data), rows=str(Path(work) / "rows.json"), steps=steps, batch=args.batch,
+                    cutoff=args.cutoff, lr=2e-4, r=8, alpha=16, dropout=0.0, gradient_checkpointing=True, seed=42,
+                    threads=args.threads, workdir=work)
+        print(f"{len(rows)} rows, {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}); "
+              f"{steps} steps of {args.batch} rows; r 8, alpha 16, dropout 0, cutoff {args.cutoff}, lr 2e-4 cosine, "
+              f"adamw_torch, clip 1.0, gradient checkpointing on, no length grouping, NF4 + double quant; "
+              f"{args.threads} threads", flush=True)
+        base = run_child("baseline", spec)
+        print(f"baseline: {base['median_s_per_step']:.2f} s/step", flush=True)
+        ours = run_child("ours", spec)
+        print(f"ours: {ours['median_s_per_step']:.2f} s/step", flush=True)
+        parts = {}
+        for name, off in [("without padding-free", {"padding_free": False}),
+                          ("without the labelled-positions head", {"labelled_head": False}),
+                          ("without mixed precision", {"mixed_precision": False})]:
+            if args.quick:
+                break
+            parts[name] = run_child("ours", {**spec, "ours": off})
+            print(f"ours {name}: {parts[name]['median_s_per_step']:.2f} s/step", flush=True)
+    print()
+    print(table(base, ours, "Same hyperparameters: ours vs the plain Trainer + peft + bitsandbytes script"))
+    if parts:
+        print("\n### Each part switched off (ours), tokens/s and peak RSS against the baseline\n")
+        print("| ours | tokens/s | x baseline | peak RSS GB | x baseline |\n|---|---|---|---|---|")
+        for name, r in [("all on", ours)] + list(parts.items()):
+            print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} | "
+                  f"{r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] / base['peak_rss_gb']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"baseline": base, "ours": ours, "parts": parts, "steps": steps},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
