@@ -9,6 +9,7 @@ import gradio as gr
 from ..studio import Studio
 from . import handlers as h
 from .chat_tab import build_chat_tab
+from .export_panel import build_export_panel, wire_export_panel
 from .model_data_tab import DATA_KEYS, MODEL_KEYS, QUANT_KEYS, build_model_data_tab
 from .runs_tab import build_runs_tab
 from .train_tab import ADVANCED_TRAIN_KEYS, LORA_KEYS, MAIN_TRAIN_KEYS, build_train_tab
@@ -42,10 +43,11 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
                 md = build_model_data_tab(studio, initial)
             with gr.Tab("Train", id="train"):
                 tr = build_train_tab(studio, initial, preset)
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 ch = build_chat_tab()
             with gr.Tab("Runs", id="runs"):
                 rn = build_runs_tab()
+                ex = build_export_panel()
 
         form = {**{k: md[k] for k in MODEL_KEYS + QUANT_KEYS + DATA_KEYS},
                 **{k: tr[k] for k in ["name"] + LORA_KEYS + MAIN_TRAIN_KEYS + ADVANCED_TRAIN_KEYS}}
@@ -103,12 +105,22 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         chat_settings = [ch["run"], ch["checkpoint"], ch["system"], ch["temperature"], ch["top_p"],
                          ch["max_new_tokens"], ch["seed"]]
         ch["refresh"].click(partial(h.chat_runs, studio), None, ch["run"], api_name=False)
-        ch["run"].change(partial(h.adapter_options, studio), ch["run"], ch["checkpoint"], api_name=False)
-        send_args = dict(fn=partial(h.send_message, studio), inputs=chat_settings + [ch["msg"], ch["history"]],
+        ch["run"].change(partial(h.adapter_options, studio), [ch["run"], ch["backend"]], ch["checkpoint"],
+                         api_name=False)
+        ch["backend"].change(partial(h.adapter_options, studio), [ch["run"], ch["backend"]], ch["checkpoint"],
+                             api_name=False)
+        # Chat follows the newest run with an adapter until the user picks a run themselves.
+        ch["run"].input(lambda: True, None, ch["picked"], api_name=False)
+        follow = dict(fn=partial(h.follow_run, studio), inputs=[ch["run"], ch["picked"]], outputs=ch["run"],
+                      show_progress="hidden", api_name=False)
+        chat_tab.select(**follow)
+        ch["follow"].tick(**follow)
+        send_args = dict(fn=partial(h.send_message, studio),
+                         inputs=chat_settings + [ch["msg"], ch["history"], ch["backend"]],
                          outputs=[ch["chatbot"], ch["msg"], ch["history"]])
         ch["send"].click(**send_args, api_name="chat")
         ch["msg"].submit(**send_args, api_name=False)
-        ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"]],
+        ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"], ch["backend"]],
                             [ch["cmp_base"], ch["cmp_adapter"]], api_name="compare_with_base")
         ch["clear"].click(lambda: ([], [], "", ""), None, [ch["chatbot"], ch["history"], ch["cmp_base"],
                                                           ch["cmp_adapter"]], api_name=False)
@@ -120,6 +132,7 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         rn["run"].change(partial(h.run_details, studio), rn["run"], [rn["details"], rn["command"], rn["download"]],
                          api_name="run_details")
         rn["resume"].click(partial(h.resume_training, studio), rn["run"], tr["progress"], api_name=False)
+        wire_export_panel(studio, ex, rn["run"])
         rn["delete"].click(partial(h.delete_run, studio), rn["run"], None, api_name="delete_run").then(
             partial(h.runs_table, studio), None, table_out, api_name=False)
 
