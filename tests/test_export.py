@@ -188,3 +188,44 @@ def test_tensorboard_events_one_scalar_per_logged_step(tiny_run):
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["loss"] for r in rows if "loss" in r], rel=1e-5)
     for tag in ("train/lr", "train/grad_norm", "train/tokens_per_s"):
         assert [s for s, _ in scalars[tag]] == loss_steps, tag
+
+
+# ---- the app's handlers ----
+
+def test_chat_follows_the_newest_run_with_an_adapter_unless_the_user_picked(tiny_run, tmp_path):
+    from qlora_ui.studio import Studio
+    from qlora_ui.ui import handlers as h
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(tiny_run.path, runs / "20990101-000000-newer", ignore=shutil.ignore_patterns("adapter"))
+    shutil.copytree(tiny_run.path, runs / tiny_run.name)
+    studio = Studio(runs)
+    # The newest run has no adapter yet: the newest one that has one is followed.
+    assert h.follow_run(studio, "Base model only", False)["value"] == tiny_run.name
+    assert "value" not in h.follow_run(studio, tiny_run.name, False)  # already there: nothing to redraw
+    assert "value" not in h.follow_run(studio, "Base model only", True)  # the user's own choice stays
+
+
+def test_export_panel_runs_in_the_background_and_reports(tiny_run, tmp_path):
+    import gradio as gr
+
+    from qlora_ui.studio import Studio
+    from qlora_ui.ui import export_panel as ep
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(tiny_run.path, runs / tiny_run.name, ignore=shutil.ignore_patterns("export"))
+    studio, jobs = Studio(runs), ex.ExportJobs()
+    with pytest.raises(gr.Error):
+        ep.start_export(studio, jobs, None, ep.GGUF, "q8_0")
+    html, _ = ep.start_export(studio, jobs, tiny_run.name, ep.MERGED, "q8_0")
+    assert 'data-state="running"' in html
+    with pytest.raises(gr.Error, match="already being exported"):
+        ep.start_export(studio, jobs, tiny_run.name, ep.MERGED, "q8_0")
+    jobs.get(tiny_run.name).thread.join(300)
+    prog, files, cmd, _ = ep.poll_export(studio, jobs, tiny_run.name)
+    assert 'data-state="finished"' in prog and files[0].endswith(".zip") and "from_pretrained" in cmd
+    import zipfile
+
+    assert f"{tiny_run.name}-merged/model.safetensors" in zipfile.ZipFile(files[0]).namelist()
