@@ -65,7 +65,7 @@ def test_chat_follows_run_then_export_gguf_and_chat_through_llama_cpp(page_and_a
     page.locator("#export-btn").click()
     page.wait_for_selector("#export-progress [data-state=running]", timeout=30_000)
     page.wait_for_selector("#export-progress [data-state=finished]", timeout=240_000)
-    files = page.locator("#export-files").inner_text()
+    files = page.locator("#export-files").inner_text().replace("\n", "")  # the name and extension wrap apart
     assert f"{run}-q8_0.gguf" in files and f"{run}-q8_0.Modelfile" in files
     page.wait_for_selector("#export-cmd:has-text('ollama create')", timeout=10_000)
     assert (runs_dir / run / "export" / f"{run}-q8_0.gguf").is_file()
