@@ -229,3 +229,29 @@ def test_export_panel_runs_in_the_background_and_reports(tiny_run, tmp_path):
     import zipfile
 
     assert f"{tiny_run.name}-merged/model.safetensors" in zipfile.ZipFile(files[0]).namelist()
+
+
+def test_chat_handlers_pick_the_backend_from_the_adapter_list(tiny_run, tmp_path):
+    import gradio as gr
+
+    from qlora_ui.studio import Studio
+    from qlora_ui.ui import handlers as h
+    from qlora_ui.ui.chat_tab import LLAMA_CPP, NO_GGUF, TRANSFORMERS
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shutil.copytree(tiny_run.path, runs / tiny_run.name, ignore=shutil.ignore_patterns("export"))
+    studio = Studio(runs)
+    run = studio.open(tiny_run.name)
+    assert h.adapter_options(studio, run.name, LLAMA_CPP)["choices"] == [NO_GGUF]
+    settings = ("", 0.0, 0.9, 32, 0)
+    with pytest.raises(gr.Error, match="no GGUF export yet"):
+        list(h.send_message(studio, run.name, NO_GGUF, *settings, "Hi", []))
+
+    ex.export_run(run, "gguf", "q8_0")
+    opts = h.adapter_options(studio, run.name, LLAMA_CPP)["choices"]
+    assert opts == [f"{run.name}-q8_0.gguf"]
+    assert h.adapter_options(studio, run.name, TRANSFORMERS)["choices"][0] == "final adapter"
+    updates = list(h.send_message(studio, run.name, opts[0], *settings, "Hi", []))
+    assert studio.gguf_chat.path.endswith(opts[0]) and len(updates) >= 3
+    assert updates[-1][0][-1]["role"] == "assistant" and updates[-1][0][-1]["content"]

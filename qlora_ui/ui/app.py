@@ -115,12 +115,12 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
                       show_progress="hidden", api_name=False)
         chat_tab.select(**follow)
         ch["follow"].tick(**follow)
-        send_args = dict(fn=partial(h.send_message, studio),
-                         inputs=chat_settings + [ch["msg"], ch["history"], ch["backend"]],
+        # The backend needs no input of its own (the API keeps its inputs): the Adapter list then holds GGUF files.
+        send_args = dict(fn=partial(h.send_message, studio), inputs=chat_settings + [ch["msg"], ch["history"]],
                          outputs=[ch["chatbot"], ch["msg"], ch["history"]])
         ch["send"].click(**send_args, api_name="chat")
         ch["msg"].submit(**send_args, api_name=False)
-        ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"], ch["backend"]],
+        ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"]],
                             [ch["cmp_base"], ch["cmp_adapter"]], api_name="compare_with_base")
         ch["clear"].click(lambda: ([], [], "", ""), None, [ch["chatbot"], ch["history"], ch["cmp_base"],
                                                           ch["cmp_adapter"]], api_name=False)

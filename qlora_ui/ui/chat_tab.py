@@ -9,6 +9,7 @@ import gradio as gr
 BASE_ONLY = "Base model only"
 TRANSFORMERS = "transformers (4-bit + adapter)"
 LLAMA_CPP = "llama.cpp (exported GGUF)"
+NO_GGUF = "no GGUF yet: export the run in the Runs tab"
 
 
 def build_chat_tab() -> dict[str, Any]:

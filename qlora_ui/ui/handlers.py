@@ -17,7 +17,7 @@ import gradio as gr
 
 from ..config import BUNDLED_MODEL, ConfigError, RunConfig, cli_command, load_preset, save_preset
 from ..studio import Studio, StudioBusy
-from .chat_tab import BASE_ONLY, LLAMA_CPP, TRANSFORMERS
+from .chat_tab import BASE_ONLY, LLAMA_CPP, NO_GGUF, TRANSFORMERS
 from .form import cfg_from_values, error_text, form_values, md_text
 from .train_tab import progress_html
 
@@ -213,7 +213,7 @@ def adapter_options(studio: Studio, run_name: str | None, backend: str = TRANSFO
     except ConfigError as e:
         raise to_gr_error(e) from None
     if backend == LLAMA_CPP:
-        opts = [p.name for p in ggufs(run)]
+        opts = [p.name for p in ggufs(run)] or [NO_GGUF]
     else:
         opts = [p.name if p.name != "adapter" else "final adapter" for p in adapter_choices(run.path)]
     return gr.update(choices=opts, value=opts[0] if opts else None)
@@ -293,7 +293,7 @@ def _load_gguf_for_chat(studio: Studio, run_name, gguf, msg) -> str:
     try:
         run = studio.open(run_name)
         found = {p.name: p for p in ggufs(run)}
-        if not found:
+        if not found or gguf == NO_GGUF:
             raise ConfigError([f"{run.name} has no GGUF export yet. Export it in the Runs tab (Export, GGUF), or use "
                                "the transformers backend."])
         studio.gguf_chat.load(found.get(Path(gguf or "").name) or next(iter(found.values())))
@@ -302,8 +302,14 @@ def _load_gguf_for_chat(studio: Studio, run_name, gguf, msg) -> str:
     return msg
 
 
+def is_gguf_choice(adapter: str | None) -> bool:
+    """The llama.cpp backend shows GGUF files in the Adapter list: the choice itself says which backend answers."""
+    return bool(adapter) and (adapter == NO_GGUF or adapter.endswith(".gguf"))
+
+
 def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
-                 history, backend: str = TRANSFORMERS) -> Iterator[tuple]:
+                 history) -> Iterator[tuple]:
+    backend = LLAMA_CPP if is_gguf_choice(adapter) else TRANSFORMERS
     if backend == LLAMA_CPP:
         msg = _load_gguf_for_chat(studio, run_name, adapter, msg)
     else:
@@ -323,9 +329,9 @@ def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, 
 
 
 def compare_with_base(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed,
-                      msg, backend: str = TRANSFORMERS) -> Iterator[tuple[str, str]]:
+                      msg) -> Iterator[tuple[str, str]]:
     """The same prompt and seed through one loaded base, adapter off then on (always the transformers path)."""
-    if backend == LLAMA_CPP:
+    if is_gguf_choice(adapter):
         adapter = None  # the list shows GGUF files: compare the run's newest adapter
     if (msg or "").strip() and (not run_name or run_name == BASE_ONLY):
         raise gr.Error("Pick a run with an adapter to compare against the base model.")
