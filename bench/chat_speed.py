@@ -48,17 +48,20 @@ def main() -> None:
     n = args.tokens
     results = []
 
-    def hf_once():
+    def hf_once(adapter_on: bool):
+        import contextlib
+
         eng.model.set_adapter(name)
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.nullcontext() if adapter_on else eng.model.disable_adapter():
             out = eng.model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
         return out.shape[1] - ids.shape[1]
 
-    hf_once()
-    t = time.time()
-    got = hf_once()
-    results.append(("transformers, NF4 base + adapter", got, time.time() - t))
+    for adapter_on, label in ((True, "transformers, NF4 base + adapter"), (False, "transformers, NF4 base alone")):
+        hf_once(adapter_on)
+        t = time.time()
+        got = hf_once(adapter_on)
+        results.append((label, got, time.time() - t))
 
     from llama_cpp import Llama
 
