@@ -255,3 +255,22 @@ def test_chat_handlers_pick_the_backend_from_the_adapter_list(tiny_run, tmp_path
     updates = list(h.send_message(studio, run.name, opts[0], *settings, "Hi", []))
     assert studio.gguf_chat.path.endswith(opts[0]) and len(updates) >= 3
     assert updates[-1][0][-1]["role"] == "assistant" and updates[-1][0][-1]["content"]
+
+
+def test_tensorboard_after_resume_has_one_scalar_per_step(tiny_model_dir, tmp_path):
+    """A crash after step 4 with only checkpoint-2 saved: the resumed run logs steps 3-4 again; TensorBoard
+    shows each step once, with the values of the resumed run (as metrics.jsonl does)."""
+    from qlora_ui.tboard import read_scalars
+    from qlora_ui.training import TrainingJob
+
+    cfg = fast_cfg(tiny_model_dir, write_rows(tmp_path / "rows.jsonl"), max_steps=4, save_steps=2,
+                   runs_dir=str(tmp_path / "runs"), name="resume")
+    job = TrainingJob(cfg)
+    assert job.run_blocking() == "finished", job.error_message
+    shutil.rmtree(job.run.checkpoints_dir / "checkpoint-4")
+    again = TrainingJob(run=job.run, resume=True)
+    assert again.run_blocking() == "finished", again.error_message
+    rows = [r for r in job.run.read_metrics() if "loss" in r]
+    loss = read_scalars(job.run.path)["train/loss"]
+    assert [s for s, _ in loss] == [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [v for _, v in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
