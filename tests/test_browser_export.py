@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, start_app, use_tiny_model
+from test_browser import CHROMIUM, CHROMIUM_ARGS, shots_dir, start_app, use_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +69,8 @@ def test_chat_follows_run_then_export_gguf_and_chat_through_llama_cpp(page_and_a
     assert f"{run}-q8_0.gguf" in files and f"{run}-q8_0.Modelfile" in files
     page.wait_for_selector("#export-cmd:has-text('ollama create')", timeout=10_000)
     assert (runs_dir / run / "export" / f"{run}-q8_0.gguf").is_file()
+    page.locator("#export-cmd").scroll_into_view_if_needed()
+    page.screenshot(path=str(shots_dir(tmp) / "export.png"), full_page=True)
 
     # Chat through llama.cpp from the exported GGUF: the reply streams (grows over several updates).
     page.get_by_role("tab", name="Chat").click()
