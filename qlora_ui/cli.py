@@ -1,4 +1,4 @@
-"""`python -m qlora_ui <command>`: train, runs, chat, check-data, plan.
+"""`python -m qlora_ui <command>`: train, runs, chat, export, check-data, plan.
 
 User errors (bad settings, bad files, missing models) print one readable paragraph and exit with code 2;
 they never show a traceback.
@@ -18,9 +18,10 @@ USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .export import ExportError
     from .modeling import ModelError
 
-    errs: list[type[BaseException]] = [ConfigError, ModelError]
+    errs: list[type[BaseException]] = [ConfigError, ModelError, ExportError]
     try:
         from .data import DataError
 
@@ -194,6 +195,37 @@ def chat_main(args) -> int:
     return 0
 
 
+# ---- export ----
+
+def add_export_parser(sub) -> None:
+    from .export import DEFAULT_MERGE_INTO, FORMATS, GGUF_QUANTS, MERGE_INTO
+
+    p = sub.add_parser("export", help="A run's adapter as a merged 16-bit model or a GGUF for llama.cpp / Ollama.",
+                       description="Merge the run's adapter into 16-bit weights (--format merged), or convert that "
+                                   "with llama.cpp's converter (--format gguf) and write an Ollama Modelfile beside "
+                                   "it. Prints the path of what it wrote last.")
+    p.add_argument("--run", required=True, help="Run folder.")
+    p.add_argument("--format", choices=FORMATS, default="merged")
+    p.add_argument("--quant", choices=GGUF_QUANTS, default="q8_0", help="GGUF type (with --format gguf).")
+    p.add_argument("--out", default=None, help="Output folder (default: RUN/export/).")
+    p.add_argument("--merge-into", choices=MERGE_INTO, default=DEFAULT_MERGE_INTO,
+                   help="16-bit weights the adapter is merged into: the dequantized NF4 weights it was trained "
+                        "against, or the original base (see docs/export.md).")
+    p.set_defaults(func=export_main)
+
+
+def export_main(args) -> int:
+    from .export import export_run
+    from .runs import open_run
+
+    run = open_run(args.run)
+    result = export_run(run, args.format, args.quant, args.out, args.merge_into,
+                        progress=lambda f, m: print(f"[{100 * f:3.0f}%] {m}", file=sys.stderr))
+    print(f"exported in {result.seconds:.1f} s", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
 # ---- main ----
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_runs_parser(sub)
     add_chat_parser(sub)
+    add_export_parser(sub)
     try:
         from .data import add_check_data_parser
 

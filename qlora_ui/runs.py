@@ -8,6 +8,8 @@ runs/<timestamp>-<name>/
   data/            a copy of the dataset file (uploads are not left in a temp dir)
   checkpoints/     resumable Trainer checkpoints (checkpoint-<step>/)
   adapter/         the PEFT adapter (safetensors) + tokenizer
+  tensorboard/     TensorBoard events (a copy of metrics.jsonl's scalars for `tensorboard --logdir runs`)
+  export/          merged model folders, .gguf files and their Modelfiles (qlora_ui.export)
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from .chat import ChatEngine
+from .chat_llama import LlamaCppEngine
 from .config import ConfigError, RunConfig
 from .runs import RunDir, list_runs, open_run
 from .training import TrainingJob
@@ -41,6 +42,7 @@ class Studio:
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
         self.chat = ChatEngine()
+        self.gguf_chat = LlamaCppEngine()  # the llama.cpp backend: chat from a run's exported GGUF
         self._tokenizers: dict[str, object] = {}
 
     # ---- training ----

@@ -160,6 +160,7 @@ class TrainingJob:
         self.report = None  # the data report, once the dataset is read
         self.footprint_bytes = 0
         self.load_seconds = 0.0
+        self.tboard = None  # TensorBoard events beside metrics.jsonl, opened when training starts
 
     # ---- control ----
     def start(self) -> TrainingJob:
@@ -189,6 +190,8 @@ class TrainingJob:
     def _record(self, row: dict[str, Any]) -> None:
         self.metrics.append(row)
         self.run.append_metrics(row)
+        if self.tboard is not None:
+            self.tboard.write(row)
         parts = [f"step {row['step']}/{row.get('max_steps')}"]
         for k in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"):
             if row.get(k) is not None:
@@ -232,6 +235,8 @@ class TrainingJob:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
+            if self.tboard is not None:
+                self.tboard.close()
             pkg_log.removeHandler(handler)
             handler.close()
         return self.state
@@ -253,6 +258,9 @@ class TrainingJob:
             self.metrics = self.run.read_metrics()
             self.elapsed_before = max((r.get("elapsed_s", 0) for r in self.metrics), default=0.0)
             log.info("resuming from %s", ckpt or "the start (no checkpoint was saved)")
+        from .tboard import TensorBoardLog
+
+        self.tboard = TensorBoardLog(self.run.path, resume_step=(step + 1) if self.resume else None)
 
         self._set_phase("loading model")
         from transformers import set_seed

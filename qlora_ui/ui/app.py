@@ -9,6 +9,7 @@ import gradio as gr
 from ..studio import Studio
 from . import handlers as h
 from .chat_tab import build_chat_tab
+from .export_panel import build_export_panel, wire_export_panel
 from .model_data_tab import DATA_KEYS, MODEL_KEYS, QUANT_KEYS, build_model_data_tab
 from .runs_tab import build_runs_tab
 from .train_tab import ADVANCED_TRAIN_KEYS, LORA_KEYS, MAIN_TRAIN_KEYS, build_train_tab
@@ -54,10 +55,11 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
                 md = build_model_data_tab(studio, initial)
             with gr.Tab("Train", id="train"):
                 tr = build_train_tab(studio, initial, preset)
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 ch = build_chat_tab()
             with gr.Tab("Runs", id="runs"):
                 rn = build_runs_tab()
+                ex = build_export_panel()
 
         form = {**{k: md[k] for k in MODEL_KEYS + QUANT_KEYS + DATA_KEYS},
                 **{k: tr[k] for k in ["name"] + LORA_KEYS + MAIN_TRAIN_KEYS + ADVANCED_TRAIN_KEYS}}
@@ -118,7 +120,17 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         chat_settings = [ch["run"], ch["checkpoint"], ch["system"], ch["temperature"], ch["top_p"],
                          ch["max_new_tokens"], ch["seed"]]
         ch["refresh"].click(partial(h.chat_runs, studio), None, ch["run"], api_name=False)
-        ch["run"].change(partial(h.adapter_options, studio), ch["run"], ch["checkpoint"], api_name=False)
+        ch["run"].change(partial(h.adapter_options, studio), [ch["run"], ch["backend"]], ch["checkpoint"],
+                         api_name=False)
+        ch["backend"].change(partial(h.adapter_options, studio), [ch["run"], ch["backend"]], ch["checkpoint"],
+                             api_name=False)
+        # Chat follows the newest run with an adapter until the user picks a run themselves.
+        ch["run"].input(lambda: True, None, ch["picked"], api_name=False)
+        follow = dict(fn=partial(h.follow_run, studio), inputs=[ch["run"], ch["picked"]], outputs=ch["run"],
+                      show_progress="hidden", api_name=False)
+        chat_tab.select(**follow)
+        ch["follow"].tick(**follow)
+        # The backend needs no input of its own (the API keeps its inputs): the Adapter list then holds GGUF files.
         send_args = dict(fn=partial(h.send_message, studio), inputs=chat_settings + [ch["msg"], ch["history"]],
                          outputs=[ch["chatbot"], ch["msg"], ch["history"]])
         ch["send"].click(**send_args, api_name="chat")
@@ -139,6 +151,7 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
                          api_name="run_details")
         rn["resume"].click(partial(h.resume_training, studio), rn["run"], tr["progress"], api_name=False)
         rn["download"].click(partial(h.download_hint, studio), rn["run"], None, api_name=False)
+        wire_export_panel(studio, ex, rn["run"])
         rn["delete"].click(partial(h.delete_run, studio), rn["run"], None, api_name="delete_run").then(
             partial(h.runs_table, studio), None, table_out, api_name=False)
 

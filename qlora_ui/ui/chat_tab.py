@@ -7,6 +7,9 @@ from typing import Any
 import gradio as gr
 
 BASE_ONLY = "Base model only"
+TRANSFORMERS = "transformers (4-bit + adapter)"
+LLAMA_CPP = "llama.cpp (exported GGUF)"
+NO_GGUF = "no GGUF yet: export the run in the Runs tab"
 
 
 def build_chat_tab() -> dict[str, Any]:
@@ -17,6 +20,8 @@ def build_chat_tab() -> dict[str, Any]:
         c["checkpoint"] = gr.Dropdown(label="Adapter", choices=[], scale=2,
                                       info="The final adapter or a checkpoint's.")
         c["refresh"] = gr.Button("↻ Refresh runs", scale=1)
+    c["backend"] = gr.Radio([TRANSFORMERS, LLAMA_CPP], value=TRANSFORMERS, label="Backend", elem_id="chat-backend",
+                            info="llama.cpp answers from the run's exported GGUF (Runs tab, Export): faster on a CPU.")
     with gr.Accordion("Generation settings", open=False):
         with gr.Row():
             c["system"] = gr.Textbox(label="System prompt", placeholder="(the template's default)", scale=3)
@@ -37,4 +42,6 @@ def build_chat_tab() -> dict[str, Any]:
         c["cmp_base"] = gr.Textbox(label="Base model", lines=6, interactive=False, elem_id="cmp-base")
         c["cmp_adapter"] = gr.Textbox(label="With adapter", lines=6, interactive=False, elem_id="cmp-adapter")
     c["history"] = gr.State([])  # per session: the conversation as role/content messages
+    c["picked"] = gr.State(False)  # per session: the user chose a run, so the newest run is no longer followed
+    c["follow"] = gr.Timer(2.0)  # a run finishing while the page is open becomes the chat's run
     return c

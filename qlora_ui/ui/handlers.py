@@ -17,7 +17,7 @@ import gradio as gr
 
 from ..config import BUNDLED_MODEL, ConfigError, RunConfig, cli_command, load_preset, save_preset
 from ..studio import Studio, StudioBusy
-from .chat_tab import BASE_ONLY
+from .chat_tab import BASE_ONLY, LLAMA_CPP, NO_GGUF, TRANSFORMERS
 from .form import cfg_from_values, error_text, form_values, md_text
 from .train_tab import progress_html
 
@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
+    from ..export import ExportError
     from ..modeling import ModelError
 
-    return (ConfigError, ModelError, DataError, StudioBusy, FileNotFoundError)
+    return (ConfigError, ModelError, DataError, StudioBusy, FileNotFoundError, ExportError)
 
 
 def to_gr_error(e: BaseException) -> gr.Error:
@@ -195,8 +196,21 @@ def chat_runs(studio: Studio) -> Any:
     return gr.update(choices=[BASE_ONLY] + names)
 
 
-def adapter_options(studio: Studio, run_name: str | None) -> Any:
+def newest_adapter_run(studio: Studio) -> str | None:
+    return next((r.name for r in studio.runs() if r.has_adapter()), None)
+
+
+def follow_run(studio: Studio, current: str | None, picked: bool) -> Any:
+    """Opening the Chat tab, or a run finishing, selects the newest run with an adapter, unless the user chose."""
+    newest = None if picked else newest_adapter_run(studio)
+    if newest is None or newest == current:
+        return gr.skip()
+    return chat_runs(studio) | {"value": newest}
+
+
+def adapter_options(studio: Studio, run_name: str | None, backend: str = TRANSFORMERS) -> Any:
     from ..chat import adapter_choices
+    from ..export import ggufs
 
     if not run_name or run_name == BASE_ONLY:
         return gr.update(choices=[], value=None)
@@ -204,7 +218,10 @@ def adapter_options(studio: Studio, run_name: str | None) -> Any:
         run = studio.open(run_name)
     except ConfigError as e:
         raise to_gr_error(e) from None
-    opts = [p.name if p.name != "adapter" else "final adapter" for p in adapter_choices(run.path)]
+    if backend == LLAMA_CPP:
+        opts = [p.name for p in ggufs(run)] or [NO_GGUF]
+    else:
+        opts = [p.name if p.name != "adapter" else "final adapter" for p in adapter_choices(run.path)]
     return gr.update(choices=opts, value=opts[0] if opts else None)
 
 
@@ -266,15 +283,51 @@ def _guarded(replies: Iterator[str]) -> Iterator[str]:
         replies.close()
 
 
+def _load_gguf_for_chat(studio: Studio, run_name, gguf, msg) -> str:
+    """llama.cpp backend: the stripped message once the run's exported GGUF is loaded, or a gr.Error saying why not."""
+    from ..chat import MAX_MESSAGE_CHARS
+    from ..export import ggufs
+
+    msg = (msg or "").strip()
+    if not msg:
+        raise gr.Error("Type a message first.")
+    if len(msg) > MAX_MESSAGE_CHARS:
+        raise gr.Error(f"Your message is {len(msg):,} characters; this chat takes at most {MAX_MESSAGE_CHARS:,}. "
+                       "Send a shorter message.")
+    if not run_name or run_name == BASE_ONLY:
+        raise gr.Error("The llama.cpp backend answers from a run's exported GGUF: pick a run.")
+    try:
+        run = studio.open(run_name)
+        found = {p.name: p for p in ggufs(run)}
+        if not found or gguf == NO_GGUF:
+            raise ConfigError([f"{run.name} has no GGUF export yet. Export it in the Runs tab (Export, GGUF), or use "
+                               "the transformers backend."])
+        studio.gguf_chat.load(found.get(Path(gguf or "").name) or next(iter(found.values())))
+    except user_errors() as e:
+        raise to_gr_error(e) from None
+    return msg
+
+
+def is_gguf_choice(adapter: str | None) -> bool:
+    """The llama.cpp backend shows GGUF files in the Adapter list: the choice itself says which backend answers."""
+    return bool(adapter) and (adapter == NO_GGUF or adapter.endswith(".gguf"))
+
+
 def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
                  history) -> Iterator[tuple]:
-    msg, name = _load_for_chat(studio, run_name, adapter, msg)
+    backend = LLAMA_CPP if is_gguf_choice(adapter) else TRANSFORMERS
+    if backend == LLAMA_CPP:
+        msg = _load_gguf_for_chat(studio, run_name, adapter, msg)
+    else:
+        msg, name = _load_for_chat(studio, run_name, adapter, msg)
     history = list(history or []) + [{"role": "user", "content": msg}]
     settings = _settings(system, temperature, top_p, max_new_tokens, seed)
     shown = history + [{"role": "assistant", "content": ""}]
     yield shown, "", history
     reply = ""
-    for reply in _guarded(studio.chat.stream(history, settings, name, threads=studio.chat_threads())):
+    replies = (studio.gguf_chat.stream(history, settings, threads=studio.chat_threads()) if backend == LLAMA_CPP
+               else studio.chat.stream(history, settings, name, threads=studio.chat_threads()))
+    for reply in _guarded(replies):
         shown[-1] = {"role": "assistant", "content": reply}
         yield shown, "", history
     history = history + [{"role": "assistant", "content": reply.strip()}]
@@ -283,7 +336,9 @@ def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, 
 
 def compare_with_base(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed,
                       msg) -> Iterator[tuple[str, str]]:
-    """The same prompt and seed through one loaded base, adapter off then on."""
+    """The same prompt and seed through one loaded base, adapter off then on (always the transformers path)."""
+    if is_gguf_choice(adapter):
+        adapter = None  # the list shows GGUF files: compare the run's newest adapter
     if (msg or "").strip() and (not run_name or run_name == BASE_ONLY):
         raise gr.Error("Pick a run with an adapter to compare against the base model.")
     msg, name = _load_for_chat(studio, run_name, adapter, msg)
