@@ -29,6 +29,49 @@ def make_collator(tokenizer, padding_free: bool):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
 
 
+PER_ROW_ATTENTION = "qlora_studio_per_row_sdpa"
+
+
+def per_row_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kw):
+    """Attention for a packed batch, one row at a time. Packing makes every linear layer run on one long
+    sequence with no padding, but plain sdpa then attends over the whole packed length with a block mask:
+    (sum of row lengths)^2 instead of the sum of each row's length^2, which took half of a CPU step (measured:
+    1.9 of 3.8 s). Rows are found where position_ids restart at 0; each gets causal sdpa on its own."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if position_ids is None or query.shape[0] != 1 or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kw)
+    t = query.shape[2]
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    bounds = (starts if starts and starts[0] == 0 else [0] + starts) + [t]
+    gqa = key.shape[1] != query.shape[1]
+    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                           dropout_p=dropout if module.training else 0.0, scale=scaling,
+                                           enable_gqa=gqa)
+            for a, b in zip(bounds, bounds[1:]) if b > a]
+    import torch
+
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def use_per_row_attention(model) -> bool:
+    """Switch a (peft-wrapped) model that uses sdpa to per-row attention for packed batches. Other attention
+    implementations (flash-attention's varlen path on GPUs) already handle packing well: left as they are."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(PER_ROW_ATTENTION, per_row_sdpa)
+    # No mask is built for packed rows (per_row_sdpa finds them from position_ids); with padding it falls back.
+    AttentionMaskInterface.register(PER_ROW_ATTENTION, flash_attention_mask)
+    base.set_attn_implementation(PER_ROW_ATTENTION)
+    return True
+
+
 def head_parts(model):
     """(decoder, output layer) of a causal LM (through a PeftModel), or None where the model's own forward does
     more than `lm_head(norm(hidden))` (logit soft-capping or scaling): those keep the full forward."""

@@ -293,7 +293,7 @@ class TrainingJob:
 
         import torch
 
-        from .batching import frozen_to_compute_dtype, make_collator, trainer_class
+        from .batching import frozen_to_compute_dtype, make_collator, trainer_class, use_per_row_attention
 
         on_gpu = torch.cuda.is_available()
         dtype = cfg.quantization.compute_dtype
@@ -341,6 +341,8 @@ class TrainingJob:
             dataloader_num_workers=0,
         )
         collator = make_collator(loaded.tokenizer, tr.padding_free)
+        if tr.padding_free and use_per_row_attention(loaded.model):
+            log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
         amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
         train_cls = trainer_class(tr.labelled_head, amp_dtype)
         trainer = train_cls(model=loaded.model, args=args, train_dataset=train_ds.remove_columns(["length"])

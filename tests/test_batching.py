@@ -32,7 +32,14 @@ def model(request, tiny_model_dir):
     return request.param, m
 
 
-def loss_and_grads(m, tokenizer, padding_free: bool, labelled: bool):
+def loss_and_grads(m, tokenizer, padding_free: bool, labelled: bool, per_row: bool = False):
+    from qlora_ui.batching import PER_ROW_ATTENTION, use_per_row_attention
+
+    base = m.get_base_model()
+    if per_row:
+        assert use_per_row_attention(m)
+    elif base.config._attn_implementation == PER_ROW_ATTENTION:
+        base.set_attn_implementation("sdpa")
     m.zero_grad(set_to_none=True)
     batch = make_collator(tokenizer, padding_free)([dict(r) for r in rows()])
     loss = labelled_loss(m, batch) if labelled else m(**batch).loss
@@ -40,12 +47,14 @@ def loss_and_grads(m, tokenizer, padding_free: bool, labelled: bool):
     return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("padding_free,labelled", [(True, False), (False, True), (True, True)],
-                         ids=["padding-free", "labelled-head", "both"])
-def test_fast_step_matches_the_padded_full_logits_step(model, tokenizer, padding_free, labelled):
+@pytest.mark.parametrize("padding_free,labelled,per_row", [(True, False, False), (False, True, False),
+                                                           (True, True, False), (True, True, True)],
+                         ids=["padding-free", "labelled-head", "both", "both+per-row-attention"])
+def test_fast_step_matches_the_padded_full_logits_step(model, tokenizer, padding_free, labelled, per_row):
     dtype, m = model
     ref_loss, ref = loss_and_grads(m, tokenizer, False, False)
-    loss, grads = loss_and_grads(m, tokenizer, padding_free, labelled)
+    loss, grads = loss_and_grads(m, tokenizer, padding_free, labelled, per_row)
+    loss_and_grads(m, tokenizer, False, False)  # back to plain sdpa for the next case
     # fp32: equal to rounding; bf16 compute: the packed sequence's matmuls round differently (measured 7e-4).
     tol = 1e-5 if dtype == "fp32" else 3e-3
     assert loss == pytest.approx(ref_loss, rel=1e-5)
