@@ -64,7 +64,7 @@ def start_app(runs: Path, env: dict) -> tuple[subprocess.Popen, str, float]:
 
 
 def queue_stream(url: str, api_name: str, data: list):
-    """(seconds to the first streamed update, seconds to completion, final message) of one queued call."""
+    """(seconds to the first generated token's update, seconds to completion, final message) of a queued call."""
     import httpx
 
     c = httpx.Client(base_url=url, timeout=600)
@@ -74,14 +74,17 @@ def queue_stream(url: str, api_name: str, data: list):
     t0 = time.time()
     c.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
                                            "event_data": None, "trigger_id": deps[fn].get("id")})
-    first = None
+    first, updates = None, 0
     with c.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as s:
         for line in s.iter_lines():
             if not line.startswith("data:"):
                 continue
             msg = json.loads(line[5:])
-            if msg.get("msg") == "process_generating" and first is None:
-                first = time.time() - t0
+            if msg.get("msg") == "process_generating":
+                updates += 1
+                # The chat handler first echoes the user's message; the second update carries the first token.
+                if updates == 2 and first is None:
+                    first = time.time() - t0
             if msg.get("msg") == "process_completed":
                 return first, time.time() - t0, msg
     raise SystemExit(f"{api_name}: the stream ended without a result")
@@ -143,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_preset("cpu-quickstart").updated(max_steps=args.steps)
             vals = form_values(cfg, FORM_KEYS)
-            vals[FORM_KEYS.index("data_path")] = None  # the form's own (bundled) dataset
+            # The bundled dataset, which the app serves from its allowed folder (presets/data).
+            vals[FORM_KEYS.index("data_path")] = {"path": str(ROOT / "presets" / "data" / "pirate_chat.jsonl"),
+                                                  "meta": {"_type": "gradio.FileData"}}
             browser = page = pw = None
             if not args.no_browser:
                 from playwright.sync_api import sync_playwright
@@ -159,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 queue_stream(url, "start_training", vals)
             deadline = time.time() + 1800
+            started_at = time.time()
             run = None
             while time.time() < deadline:
                 runs = [r for r in app_runs.iterdir() if (r / "status.json").is_file()] if app_runs.exists() else []
+                if not runs and time.time() - started_at > 120:
+                    raise SystemExit("the app started no run in 120 s")
                 if runs:
                     run = runs[0]
                     if json.loads((run / "status.json").read_text()).get("state") in ("finished", "failed",

@@ -162,8 +162,18 @@ def tail(path: Path, n: int = 40) -> str:
     return "\n".join(lines[-n:])
 
 
+# While a run trains, the charts are redrawn at most this often (the progress bar and log keep the 1.5 s tick):
+# on a 2-core machine the browser re-rendering four plotly charts every tick took CPU from the training itself
+# (steps ran at 0.66x the headless rate with one page watching; bench/app_overhead.py).
+CHART_EVERY_S = 10.0
+
+
 def poll_training(studio: Studio, seen: tuple | None) -> tuple:
-    """Timer tick: progress, curves and log of the app's current (or last) job; skip redraws when unchanged."""
+    """Timer tick: progress, curves and log of the app's current (or last) job; skip redraws when unchanged.
+
+    `seen` is this session's (run, metrics rows, state, phase, rows drawn in the chart, when it was drawn)."""
+    import time
+
     from ..plots import training_figure
 
     job = studio.job
@@ -174,19 +184,25 @@ def poll_training(studio: Studio, seen: tuple | None) -> tuple:
     st = run.read_status()
     state = job.state if job.state in ("failed", "stopped", "finished") else st.get("state", job.state)
     key = (run.name, len(rows), state, job.phase)
-    if seen == key:
+    if seen is not None and tuple(seen[:4]) == key:
         return gr.skip(), gr.skip(), gr.skip(), seen, gr.skip()
     last = next((r for r in reversed(rows) if "loss" in r), {})
     total = job.max_steps or st.get("max_steps") or 0
     msg = job.error_message if state == "failed" else (job.phase if state == "running" else st.get("message", ""))
-    import time
-
-    age = time.time() - rows[-1]["time"] if rows and rows[-1].get("time") else None
+    now = time.time()
+    age = now - rows[-1]["time"] if rows and rows[-1].get("time") else None
     prog = progress_html(state, max(job.step, last.get("step", 0)), total, last.get("elapsed_s"), last.get("eta_s"),
                          run.name, msg, age)
-    fig = training_figure(rows, title=run.name) if rows else gr.skip()
+    drawn_rows, drawn_at = (seen[4], seen[5]) if seen is not None and len(seen) == 6 and seen[0] == run.name \
+        else (-1, 0.0)
+    # Redraw on a new session, a new run, a state change, or every CHART_EVERY_S while rows arrive.
+    changed = len(rows) != drawn_rows
+    if rows and (drawn_rows < 0 or changed and (state != "running" or now - drawn_at >= CHART_EVERY_S)):
+        fig, drawn_rows, drawn_at = training_figure(rows, title=run.name), len(rows), now
+    else:
+        fig = gr.skip()
     stop = gr.update(interactive=state == "running", variant="stop" if state == "running" else "secondary")
-    return prog, fig, tail(run.log_path), key, stop
+    return prog, fig, tail(run.log_path), (*key, drawn_rows, drawn_at), stop
 
 
 # ---- chat ----
