@@ -119,7 +119,7 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
     # Train: a short run; the loss chart gains points while it runs.
     page.get_by_role("tab", name="Train").click()
     steps = page.get_by_label("Max steps")
-    steps.fill("60")
+    steps.fill("3000")  # long enough to still be running at the second Start and the reload (Stop ends it)
     steps.press("Tab")
     page.get_by_role("button", name="Start training").click()
     page.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
