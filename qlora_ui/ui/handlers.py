@@ -271,8 +271,8 @@ def _settings(system, temperature, top_p, max_new_tokens, seed):
                               max_new_tokens=int(max_new_tokens), seed=int(seed or 0))
 
 
-def _load_for_chat(studio: Studio, run_name, adapter, msg) -> tuple[str, str | None]:
-    """(the stripped message, the loaded adapter's name or None for the base), or a gr.Error saying why not."""
+def _checked_message(msg) -> str:
+    """The stripped chat message, or a gr.Error when it is empty or over the server's size limit."""
     from ..chat import MAX_MESSAGE_CHARS
 
     msg = (msg or "").strip()
@@ -281,6 +281,12 @@ def _load_for_chat(studio: Studio, run_name, adapter, msg) -> tuple[str, str | N
     if len(msg) > MAX_MESSAGE_CHARS:
         raise gr.Error(f"Your message is {len(msg):,} characters; this chat takes at most {MAX_MESSAGE_CHARS:,}. "
                        "Send a shorter message.")
+    return msg
+
+
+def _load_for_chat(studio: Studio, run_name, adapter, msg) -> tuple[str, str | None]:
+    """(the stripped message, the loaded adapter's name or None for the base), or a gr.Error saying why not."""
+    msg = _checked_message(msg)
     try:
         cfg, path = _chat_target(studio, run_name, adapter)
         return msg, studio.chat.load(cfg, path)
@@ -301,15 +307,9 @@ def _guarded(replies: Iterator[str]) -> Iterator[str]:
 
 def _load_gguf_for_chat(studio: Studio, run_name, gguf, msg) -> str:
     """llama.cpp backend: the stripped message once the run's exported GGUF is loaded, or a gr.Error saying why not."""
-    from ..chat import MAX_MESSAGE_CHARS
     from ..export import ggufs
 
-    msg = (msg or "").strip()
-    if not msg:
-        raise gr.Error("Type a message first.")
-    if len(msg) > MAX_MESSAGE_CHARS:
-        raise gr.Error(f"Your message is {len(msg):,} characters; this chat takes at most {MAX_MESSAGE_CHARS:,}. "
-                       "Send a shorter message.")
+    msg = _checked_message(msg)
     if not run_name or run_name == BASE_ONLY:
         raise gr.Error("The llama.cpp backend answers from a run's exported GGUF: pick a run.")
     try:
