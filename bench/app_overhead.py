@@ -63,6 +63,16 @@ def start_app(runs: Path, env: dict) -> tuple[subprocess.Popen, str, float]:
     raise SystemExit("the app did not start in 180 s")
 
 
+def upload(url: str, path: Path) -> dict:
+    """The file as a browser uploads it: Gradio only accepts files that went through its upload route."""
+    import httpx
+
+    with open(path, "rb") as f:
+        r = httpx.post(f"{url}/gradio_api/upload", files={"files": (path.name, f)}, timeout=60)
+    r.raise_for_status()
+    return {"path": r.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+
 def queue_stream(url: str, api_name: str, data: list):
     """(seconds to the first generated token's update, seconds to completion, final message) of a queued call."""
     import httpx
@@ -146,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_preset("cpu-quickstart").updated(max_steps=args.steps)
             vals = form_values(cfg, FORM_KEYS)
-            # The bundled dataset, which the app serves from its allowed folder (presets/data).
-            vals[FORM_KEYS.index("data_path")] = {"path": str(ROOT / "presets" / "data" / "pirate_chat.jsonl"),
-                                                  "meta": {"_type": "gradio.FileData"}}
+            vals[FORM_KEYS.index("data_path")] = upload(url, ROOT / "presets" / "data" / "pirate_chat.jsonl")
             browser = page = pw = None
             if not args.no_browser:
                 from playwright.sync_api import sync_playwright
@@ -162,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                 page.get_by_label("Max steps").first.press("Tab")
                 page.get_by_role("button", name="Start training").click()
             else:
-                queue_stream(url, "start_training", vals)
+                _, _, msg = queue_stream(url, "start_training", vals)
+                if not msg.get("success", True):
+                    raise SystemExit(f"start_training failed: {msg.get('output')}")
             deadline = time.time() + 1800
             started_at = time.time()
             run = None

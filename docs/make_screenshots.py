@@ -81,7 +81,7 @@ def main() -> int:
             print(f"training: first point after {first_point:.0f} s, done after {total:.0f} s ({state})")
             if ages:
                 print(f"plot freshness at render: median {statistics.median(ages):.2f} s, max {max(ages):.2f} s "
-                      "(+ up to one 1.5 s timer tick)")
+                      "(+ up to one 3 s timer tick)")
             run = next(p for p in (tmp / "runs").iterdir() if p.is_dir())
 
             page.get_by_role("tab", name="Chat").click()

@@ -43,5 +43,6 @@ def build_chat_tab() -> dict[str, Any]:
         c["cmp_adapter"] = gr.Textbox(label="With adapter", lines=6, interactive=False, elem_id="cmp-adapter")
     c["history"] = gr.State([])  # per session: the conversation as role/content messages
     c["picked"] = gr.State(False)  # per session: the user chose a run, so the newest run is no longer followed
-    c["follow"] = gr.Timer(2.0)  # a run finishing while the page is open becomes the chat's run
+    # A run finishing while the page is open becomes the chat's run (opening the tab also does).
+    c["follow"] = gr.Timer(5.0)
     return c

@@ -162,7 +162,7 @@ def tail(path: Path, n: int = 40) -> str:
     return "\n".join(lines[-n:])
 
 
-# While a run trains, the charts are redrawn at most this often (the progress bar and log keep the 1.5 s tick):
+# While a run trains, the charts are redrawn at most this often (the progress bar and log keep the 3 s tick):
 # on a 2-core machine the browser re-rendering four plotly charts every tick took CPU from the training itself
 # (steps ran at 0.66x the headless rate with one page watching; bench/app_overhead.py).
 CHART_EVERY_S = 10.0
