@@ -37,6 +37,15 @@ class GenerationSettings:
     seed: int = 0
 
 
+def uses_dora(adapter_path: str | Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((Path(adapter_path) / "adapter_config.json").read_text()).get("use_dora"))
+    except (OSError, ValueError):
+        return False
+
+
 def adapter_choices(run_dir: Path) -> list[Path]:
     """The run's final adapter plus each checkpoint's (PEFT saves an adapter in every checkpoint)."""
     from .runs import RunDir
@@ -57,16 +66,23 @@ class ChatEngine:
         self.tokenizer = None
         self.adapters: dict[str, str] = {}  # adapter name -> path
 
-    def _ensure_base(self, m: ModelConfig, q: QuantConfig) -> None:
-        from .modeling import load_base_model, load_tokenizer, resolve_model_path
+    def _ensure_base(self, m: ModelConfig, q: QuantConfig, plain_layout: bool = False) -> None:
+        from .modeling import keep_4bit_layout_trainable, load_base_model, load_tokenizer, resolve_model_path
 
         path = resolve_model_path(m)
         key = (path, q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype)
-        if key == self.key:
+        # A base in the plain layout serves every adapter; a repacked one cannot serve DoRA (below).
+        if self.key is not None and self.key[:5] == key and (self.key[5] or not plain_layout):
             return
-        log.info("loading chat base %s", path)
+        log.info("loading chat base %s%s", path, " (plain 4-bit layout, for DoRA)" if plain_layout else "")
         self.tokenizer = load_tokenizer(path, m)
         model = load_base_model(path, m, q)
+        if plain_layout:
+            # On a CPU with AVX512-BF16 the first no-grad forward repacks each 4-bit weight for a faster kernel,
+            # and DoRA's weight norm, which dequantizes that weight itself, then reads the repacked bytes as if
+            # they were plain: logits were off by 0.16 on a tiny model (tests/test_lora_options.py).
+            keep_4bit_layout_trainable(model)
+        key = (*key, plain_layout)
         model.config.use_cache = True
         model.eval()
         self.model, self.key, self.adapters = model, key, {}
@@ -74,7 +90,8 @@ class ChatEngine:
     def load(self, cfg: RunConfig, adapter_path: str | Path | None = None) -> str | None:
         """Make sure the base of `cfg` is loaded and the adapter (if any) attached; returns the adapter name."""
         with self.lock:
-            self._ensure_base(cfg.model, cfg.quantization)
+            dora = adapter_path is not None and uses_dora(adapter_path)
+            self._ensure_base(cfg.model, cfg.quantization, plain_layout=dora)
             if adapter_path is None:
                 return None
             adapter_path = str(Path(adapter_path).resolve())

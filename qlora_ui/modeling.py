@@ -199,8 +199,12 @@ def peft_config(lo: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
     # peft's "all-linear" already excludes the output layer (lm_head), as the paper does.
+    # LoftQ starts from peft's default init and replaces A and B after the model is wrapped (loftq.py): peft's
+    # own init_lora_weights="loftq" needs the unquantized model in memory, which QLoRA is there to avoid.
+    init = {"default": True, "gaussian": "gaussian", "loftq": True}[lo.lora_init]
     return PeftLoraConfig(r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
-                          target_modules=lora_target_modules(lo), bias="none", task_type="CAUSAL_LM")
+                          target_modules=lora_target_modules(lo), bias="none", task_type="CAUSAL_LM",
+                          init_lora_weights=init, use_dora=lo.use_dora, use_rslora=lo.use_rslora)
 
 
 def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, quantized: bool):
@@ -255,6 +259,10 @@ def load_for_training(m: ModelConfig, q: QuantConfig, lo: LoraConfig, gradient_c
     base = load_base_model(path, m, q)
     footprint = base.get_memory_footprint()
     model = prepare_for_training(base, lo, gradient_checkpointing, q.load_in_4bit)
+    if lo.lora_init == "loftq":
+        from .loftq import apply_loftq
+
+        apply_loftq(model, path)
     return LoadedModel(model, tok, path, time.time() - t0, footprint)
 
 

@@ -20,6 +20,10 @@ LABELS = {
     "data_path": "Dataset file",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "lora_init": "LoRA init",
+    "use_dora": "DoRA",
+    "use_rslora": "rsLoRA",
     "max_steps": "Max steps",
 }
 

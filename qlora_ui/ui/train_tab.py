@@ -11,7 +11,7 @@ from ..config import RunConfig, list_presets
 from ..studio import Studio
 from .form import component_for
 
-LORA_KEYS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules"]
+LORA_KEYS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_init", "use_dora", "use_rslora"]
 MAIN_TRAIN_KEYS = ["max_steps", "epochs", "batch_size", "grad_accum", "learning_rate"]
 ADVANCED_TRAIN_KEYS = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm",
                        "gradient_checkpointing", "group_by_length", "seed", "logging_steps", "eval_steps",
@@ -74,7 +74,10 @@ def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> d
                 for k in LORA_KEYS[:2]:
                     c[k] = comp(k)
             with gr.Row():
-                for k in LORA_KEYS[2:]:
+                for k in LORA_KEYS[2:4]:
+                    c[k] = comp(k)
+            with gr.Row():
+                for k in LORA_KEYS[4:]:
                     c[k] = comp(k)
             gr.Markdown("### Training")
             with gr.Row():
