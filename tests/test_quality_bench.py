@@ -36,18 +36,22 @@ def tiny_cfg(tiny_model_dir, tmp_path_factory):
         batch_size=4, runs_dir=str(tmp_path_factory.mktemp("runs")))
 
 
-def test_four_variants_give_a_table_against_16bit_lora(bench, tiny_cfg):
+def test_every_variant_gives_a_table_against_16bit_lora(bench, tiny_cfg):
     results = bench.train_all(tiny_cfg)  # also checks: same held-out rows, same LoRA init, adapters trained
-    assert [r.key for r in results] == ["lora16", "nf4_dq", "fp4", "nf4"]
+    assert [r.key for r in results] == ["lora16", "nf4_dq", "fp4", "nf4", "nf4_loftq", "nf4_dora", "nf4_fp32", "nf4_2x"]
     assert len({r.eval_hash for r in results}) == 1 and results[0].eval_rows == 6
     for r in results:
-        assert [s for s, _ in r.eval_curve] == [0, 1, 2]  # step 0 = the (quantized) base, then every step
+        # step 0 = the (quantized) base, then every step; (h) trains twice as long
+        assert [s for s, _ in r.eval_curve] == ([0, 1, 2, 3, 4] if r.key == "nf4_2x" else [0, 1, 2])
         assert math.isfinite(r.eval_loss) and r.eval_loss == r.eval_curve[-1][1]
     assert results[0].footprint_mb > results[1].footprint_mb  # the 16-bit base really is 16-bit
 
     rows = bench.comparison_rows(results)
     base = results[0].eval_loss
-    assert [r["key"] for r in rows] == ["lora16", "nf4_dq", "fp4", "nf4"]
+    assert [r["key"] for r in rows] == ["lora16", "nf4_dq", "fp4", "nf4", "nf4_loftq", "nf4_dora", "nf4_fp32", "nf4_2x"] + ["best_nf4"]
+    same_steps = [r.eval_loss for r in results if r.key in bench.NF4_KEYS]
+    assert rows[-1]["eval_loss"] == min(same_steps) and rows[-1]["met"] == (min(same_steps) / base <= 1.02)
+    assert rows[-2]["goal"] == "-"  # twice the steps: no goal at the same step count
     assert rows[0]["ratio"] == 1.0 and rows[0]["goal"] == "baseline" and rows[0]["met"] is None
     for row, res in zip(rows, results):
         assert row["ratio"] == pytest.approx(res.eval_loss / base)
@@ -57,7 +61,7 @@ def test_four_variants_give_a_table_against_16bit_lora(bench, tiny_cfg):
     text = bench.format_table(rows)
     assert [c.strip() for c in text.splitlines()[0].split(" | ")] == ["variant", "eval loss", "ratio to 16-bit",
                                                                        "goal", "met"]
-    assert len(text.splitlines()) == 2 + 4
+    assert len(text.splitlines()) == 2 + len(rows)
     assert bench.format_table(rows, markdown=True).startswith("| variant | eval loss | ratio to 16-bit | goal | met |")
 
 
@@ -66,8 +70,8 @@ def test_ratios_are_against_the_baseline_not_the_first_row(bench):
         return bench.VariantResult(key, key, loss, [(0, loss)], [], "", 0, 0, 0, 1, "h", "h", True)
 
     rows = bench.comparison_rows([res("lora16", 2.0), res("nf4_dq", 2.1), res("fp4", 2.2), res("nf4", 2.02)])
-    assert [round(r["ratio"], 3) for r in rows] == [1.0, 1.05, 1.1, 1.01]
-    assert [r["met"] for r in rows] == [None, False, True, True]
+    assert [round(r["ratio"], 3) for r in rows] == [1.0, 1.05, 1.1, 1.01, 1.01]
+    assert [r["met"] for r in rows] == [None, False, True, True, True]  # the last: the best NF4 (nf4, 2.02)
     with pytest.raises(ValueError):
         bench.comparison_rows([res("nf4_dq", 2.0)])
     with pytest.raises(RuntimeError, match="eval_hash"):
@@ -144,3 +148,13 @@ def test_eval_forward_leaves_4bit_lora_gradients_intact(tiny_model_dir):
     after = lora_b_grads()
     for n, g in before.items():
         assert float((after[n] - g).norm()) <= 0.05 * float(g.norm()), n
+
+
+def test_loftq_error_table_on_the_tiny_model(bench, tiny_cfg):
+    e = bench.loftq_error(tiny_cfg.model.base_model, tiny_cfg)
+    assert e["n_layers"] == 14 and set(e["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"}
+    for t, v in e["by_type"].items():
+        assert 0 < v["loftq"] < v["nf4_dq"], t
+    text = bench.loftq_table(e)
+    assert "mean of all" in text and len(text.splitlines()) == 2 + 8
