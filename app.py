@@ -33,6 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allowed-models", action="append", default=None, metavar="PATTERN",
                    help="Hub ids a request may load (repeatable; shell-style patterns like 'meta-llama/*'). "
                         "Default: any. Local folders are governed by --model-root.")
+    p.add_argument("--chat-max-new-tokens", type=int, default=None, metavar="N",
+                   help="Longest chat reply in tokens, whatever the form asks (default: 256 with --share or a "
+                        "non-local --host, else the form's own limit).")
+    p.add_argument("--chat-max-waiting", type=int, default=32, metavar="N",
+                   help="Chat requests that may wait for the model at once; more are refused with a message "
+                        "(default 32).")
+    p.add_argument("--chat-max-batch", type=int, default=16, metavar="N",
+                   help="Chat requests decoded together in one batch (default 16).")
     return p.parse_args(argv)
 
 
@@ -104,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_ui.ui.app import CSS, build_app
 
     roots = args.model_root or ["models"]
+    shared = args.share or not is_loopback(args.host)
     studio = Studio(args.runs_dir, model_roots=roots, allow_remote_code=args.allow_remote_code,
-                    allowed_models=args.allowed_models)
+                    allowed_models=args.allowed_models,
+                    chat_max_new_tokens=args.chat_max_new_tokens or (256 if shared else None),
+                    chat_max_waiting=args.chat_max_waiting, chat_max_batch=args.chat_max_batch)
     for warning in exposure_warnings(args):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     demo = build_app(studio, preset=args.preset)
@@ -115,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     launch = dict(server_name=args.host, server_port=args.port, auth=LoginThrottle(auth) if auth else None,
                   max_file_size=args.max_file_size,
                   css=CSS, show_error=True, auth_message="QLoRA Studio: sign in." if auth else None,
-                  allowed_paths=[str(Path("presets/data").resolve())], prevent_thread_lock=True)
+                  allowed_paths=[str(Path("presets/data").resolve())], prevent_thread_lock=True,
+                  # Each streaming chat holds a worker thread while it waits for its batch: room for all of them.
+                  max_threads=max(40, 2 * (args.chat_max_waiting + args.chat_max_batch)))
     # Gradio catches a failed tunnel itself and keeps serving locally; we only make the outcome plain.
     demo.launch(share=args.share, **launch)
     install_same_origin_guard(demo.app)

@@ -236,7 +236,8 @@ def comparison_rows(results: list[VariantResult], goal_ratio: float = GOAL_RATIO
         ratio = best.eval_loss / base
         rows.append({"key": "best_nf4", "variant": f"best NF4 at the same steps: {best.label}",
                      "eval_loss": best.eval_loss, "ratio": ratio, "pct_vs_16bit": 100 * (ratio - 1),
-                     "goal": f"<= {goal_ratio:.2f}", "met": ratio <= goal_ratio})
+                     "goal": f"<= {goal_ratio:.2f}", "met": ratio <= goal_ratio, "best": best.key,
+                     "best_label": best.label})
     return rows
 
 

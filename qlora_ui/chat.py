@@ -22,6 +22,16 @@ GENERATED_FLAG = "_qlora_studio_generated"
 # message held the app for minutes); the oldest turns are dropped first, a single message over it is refused.
 MAX_PROMPT_TOKENS = 2048
 MAX_MESSAGE_CHARS = 8000
+STREAM_TIMEOUT_S = 600  # a reader waits at most this long for its next token (a stuck worker must not hang it)
+
+
+class Waiting(str):
+    """A stream item that is not reply text: the request's place in the queue, shown where the reply will be."""
+
+    def __new__(cls, position: int):
+        obj = super().__new__(cls, f"⏳ Waiting for the model: you are number {position} in line.")
+        obj.position = position
+        return obj
 
 
 def mark_generated(model) -> None:
@@ -65,6 +75,10 @@ class ChatEngine:
         self.model = None  # PeftModel once an adapter is loaded, else the base
         self.tokenizer = None
         self.adapters: dict[str, str] = {}  # adapter name -> path
+        self.dora: set[str] = set()  # adapter names that use DoRA (peft cannot mix them with others in a batch)
+        from .serving import BatchServer
+
+        self.server = BatchServer(self)
 
     def _ensure_base(self, m: ModelConfig, q: QuantConfig, plain_layout: bool = False) -> None:
         from .modeling import keep_4bit_layout_trainable, load_base_model, load_tokenizer, resolve_model_path
@@ -85,7 +99,7 @@ class ChatEngine:
         key = (*key, plain_layout)
         model.config.use_cache = True
         model.eval()
-        self.model, self.key, self.adapters = model, key, {}
+        self.model, self.key, self.adapters, self.dora = model, key, {}, set()
 
     def load(self, cfg: RunConfig, adapter_path: str | Path | None = None) -> str | None:
         """Make sure the base of `cfg` is loaded and the adapter (if any) attached; returns the adapter name."""
@@ -107,6 +121,8 @@ class ChatEngine:
                 self.model.load_adapter(adapter_path, adapter_name=name)
             self.model.eval()
             self.adapters[name] = adapter_path
+            if dora:
+                self.dora.add(name)
             return name
 
     def _prompt_ids(self, messages: list[dict], settings: GenerationSettings, max_tokens: int | None = None):
@@ -142,79 +158,39 @@ class ChatEngine:
         return max(16, min(MAX_PROMPT_TOKENS, int(ctx) - int(settings.max_new_tokens)))
 
     def stream(self, messages: list[dict], settings: GenerationSettings, adapter: str | None,
-               threads: int | None = None) -> Iterator[str]:
+               threads: int | None = None, session: str | None = None) -> Iterator[str]:
         """Yield the reply text as it grows. `adapter=None` generates with the adapters switched off.
 
-        The lock is taken inside the generation thread, never across a `yield`: Gradio may resume a
-        generator on another worker thread or abandon it when a browser leaves, and a lock held by a
-        suspended generator would block every later chat.
+        The request joins the batch server's queue (serving.py): requests waiting together share forward passes.
+        While it waits, the stream yields a `Waiting` notice with its place in line; the last item is the full
+        reply. Closing the stream (a browser that left) takes the request out of its batch at the next token.
+        `session` allows one request at a time per browser session (`ChatBusy` otherwise).
         """
-        import contextlib
-
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from .serving import Request
 
         inputs = self._prompt_ids(messages, settings)
-        tok = self.tokenizer
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        cancelled = threading.Event()
-
-        class Cancelled(StoppingCriteria):
-            # Set when the reader goes away (browser closed, request cancelled): stop at the next token instead
-            # of generating for nobody while other people's chats wait for the model.
-            def __call__(self, input_ids, scores, **kw):
-                return cancelled.is_set()
-
-        kwargs = dict(**inputs, streamer=streamer, max_new_tokens=int(settings.max_new_tokens),
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      stopping_criteria=StoppingCriteriaList([Cancelled()]))
-        if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        error: list[BaseException] = []
-
-        def work():
-            before = torch.get_num_threads()
-            try:
-                if threads:
-                    # OpenMP thread counts are per calling thread: this caps this generation, so a chat beside
-                    # a running training does not oversubscribe the cores and stall both. torch also keeps the
-                    # value as the default for new threads, hence the restore below.
-                    torch.set_num_threads(threads)
-                with self.lock:
-                    model = self.model
-                    has_peft = hasattr(model, "disable_adapter")
-                    if has_peft and adapter is not None:
-                        model.set_adapter(adapter)
-                    ctx = model.disable_adapter() if (has_peft and adapter is None) else contextlib.nullcontext()
-                    mark_generated(model)
-                    with ctx, torch.no_grad():
-                        torch.manual_seed(int(settings.seed))
-                        model.generate(**kwargs)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
-                error.append(e)
-                streamer.end()
-            finally:
-                if threads:
-                    torch.set_num_threads(before)
-
-        t = threading.Thread(target=work, daemon=True, name="chat-generate")
-        t.start()
+        req = Request(ids=inputs["input_ids"][0].tolist(), temperature=float(settings.temperature),
+                      top_p=float(settings.top_p), max_new_tokens=int(settings.max_new_tokens),
+                      seed=int(settings.seed), adapter=adapter, session=session, threads=threads, key=self.key)
+        self.server.submit(req)
         text, done = "", False
         try:
-            for piece in streamer:
-                text += piece
-                yield text
-            done = True
+            while not done:
+                kind, value = req.out.get(timeout=STREAM_TIMEOUT_S)
+                if kind == "position":
+                    if not text:
+                        yield Waiting(value)
+                elif kind == "error":
+                    raise value
+                else:
+                    text, done = value, kind == "done"
+                    if not done:
+                        yield text
+            yield text
         finally:
-            # Runs when the consumer closes or drops this generator (GeneratorExit) too.
+            self.server.release(req)
             if not done:
-                cancelled.set()
                 log.info("chat reply abandoned by its reader: generation stopped after %d characters", len(text))
-        t.join()
-        if error:
-            raise error[0]
 
     def reply(self, messages: list[dict], settings: GenerationSettings, adapter: str | None) -> str:
         text = ""

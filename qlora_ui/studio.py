@@ -26,7 +26,8 @@ class StudioBusy(RuntimeError):
 class Studio:
     def __init__(self, runs_dir: str | Path = "runs", model_roots: list[str | Path] | None = None,
                  presets_dir: str | Path | None = None, allow_remote_code: bool = False,
-                 allowed_models: list[str] | None = None):
+                 allowed_models: list[str] | None = None, chat_max_new_tokens: int | None = None,
+                 chat_max_waiting: int = 32, chat_max_batch: int = 16):
         from .config import PRESETS_DIR
 
         self.presets_dir = Path(presets_dir) if presets_dir else PRESETS_DIR
@@ -42,6 +43,10 @@ class Studio:
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
         self.chat = ChatEngine()
+        # Shared-link limits: replies no longer than this (None = the form's own maximum), and at most this many
+        # chat requests waiting (more are refused with a message) or decoded together.
+        self.chat_max_new_tokens = chat_max_new_tokens
+        self.chat.server.max_waiting, self.chat.server.max_batch = chat_max_waiting, chat_max_batch
         self.gguf_chat = LlamaCppEngine()  # the llama.cpp backend: chat from a run's exported GGUF
         self._tokenizers: dict[str, object] = {}
 
@@ -69,6 +74,10 @@ class Studio:
             self.check_model(run.config().model)
             self.job = TrainingJob(run=run, resume=True).start()
             return self.job
+
+    def cap_new_tokens(self, n) -> int:
+        n = int(n or 1)
+        return min(n, self.chat_max_new_tokens) if self.chat_max_new_tokens else n
 
     def chat_threads(self) -> int | None:
         """Chat beside a running training gets one CPU thread; on a GPU, or with no training, no cap."""

@@ -131,13 +131,27 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         chat_tab.select(**follow)
         ch["follow"].tick(**follow)
         # The backend needs no input of its own (the API keeps its inputs): the Adapter list then holds GGUF files.
-        send_args = dict(fn=partial(h.send_message, studio), inputs=chat_settings + [ch["msg"], ch["history"]],
-                         outputs=[ch["chatbot"], ch["msg"], ch["history"]])
+        # Chat requests run concurrently up to what the batch server takes (it queues and batches them); the
+        # browser session is passed on, so one session has one request at a time.
+        # (Named parameters: Gradio passes the gr.Request only to a positional parameter annotated with it.)
+        def send(run, adapter, system, temperature, top_p, max_new_tokens, seed, msg, history,
+                 request: gr.Request):
+            yield from h.send_message(studio, run, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
+                                      history, session=getattr(request, "session_hash", None))
+
+        def compare(run, adapter, system, temperature, top_p, max_new_tokens, seed, msg, request: gr.Request):
+            yield from h.compare_with_base(studio, run, adapter, system, temperature, top_p, max_new_tokens, seed,
+                                           msg, session=getattr(request, "session_hash", None))
+
+        chat_limit = dict(concurrency_limit=studio.chat.server.max_waiting + studio.chat.server.max_batch,
+                          concurrency_id="chat")
+        send_args = dict(fn=send, inputs=chat_settings + [ch["msg"], ch["history"]],
+                         outputs=[ch["chatbot"], ch["msg"], ch["history"]], **chat_limit)
         ch["send"].click(**send_args, api_name="chat")
         ch["msg"].submit(**send_args, api_name=False)
         # The answers sit below the chat: bring them into view, or the button seems to do nothing.
-        ch["compare"].click(partial(h.compare_with_base, studio), chat_settings + [ch["msg"]],
-                            [ch["cmp_base"], ch["cmp_adapter"]], api_name="compare_with_base",
+        ch["compare"].click(compare, chat_settings + [ch["msg"]], [ch["cmp_base"], ch["cmp_adapter"]],
+                            api_name="compare_with_base", **chat_limit,
                             js="(...args) => { document.querySelector('#cmp-row')?.scrollIntoView("
                                "{behavior: 'smooth', block: 'center'}); return args; }")
         ch["clear"].click(lambda: ([], [], "", ""), None, [ch["chatbot"], ch["history"], ch["cmp_base"],

@@ -28,8 +28,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..data import DataError
     from ..export import ExportError
     from ..modeling import ModelError
+    from ..serving import ChatBusy
 
-    return (ConfigError, ModelError, DataError, StudioBusy, FileNotFoundError, ExportError)
+    return (ConfigError, ModelError, DataError, StudioBusy, FileNotFoundError, ExportError, ChatBusy)
 
 
 def to_gr_error(e: BaseException) -> gr.Error:
@@ -330,19 +331,19 @@ def is_gguf_choice(adapter: str | None) -> bool:
 
 
 def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed, msg,
-                 history) -> Iterator[tuple]:
+                 history, session: str | None = None) -> Iterator[tuple]:
     backend = LLAMA_CPP if is_gguf_choice(adapter) else TRANSFORMERS
     if backend == LLAMA_CPP:
         msg = _load_gguf_for_chat(studio, run_name, adapter, msg)
     else:
         msg, name = _load_for_chat(studio, run_name, adapter, msg)
     history = list(history or []) + [{"role": "user", "content": msg}]
-    settings = _settings(system, temperature, top_p, max_new_tokens, seed)
+    settings = _settings(system, temperature, top_p, studio.cap_new_tokens(max_new_tokens), seed)
     shown = history + [{"role": "assistant", "content": ""}]
     yield shown, "", history
     reply = ""
     replies = (studio.gguf_chat.stream(history, settings, threads=studio.chat_threads()) if backend == LLAMA_CPP
-               else studio.chat.stream(history, settings, name, threads=studio.chat_threads()))
+               else studio.chat.stream(history, settings, name, threads=studio.chat_threads(), session=session))
     for reply in _guarded(replies):
         shown[-1] = {"role": "assistant", "content": reply}
         yield shown, "", history
@@ -351,21 +352,36 @@ def send_message(studio: Studio, run_name, adapter, system, temperature, top_p, 
 
 
 def compare_with_base(studio: Studio, run_name, adapter, system, temperature, top_p, max_new_tokens, seed,
-                      msg) -> Iterator[tuple[str, str]]:
-    """The same prompt and seed through one loaded base, adapter off then on (always the transformers path)."""
+                      msg, session: str | None = None) -> Iterator[tuple[str, str]]:
+    """The same prompt and seed through one loaded base, adapter off and on (always the transformers path): both
+    requests are queued at once, so they are answered in one batch (peft's mixed-adapter forward)."""
     if is_gguf_choice(adapter):
         adapter = None  # the list shows GGUF files: compare the run's newest adapter
     if (msg or "").strip() and (not run_name or run_name == BASE_ONLY):
         raise gr.Error("Pick a run with an adapter to compare against the base model.")
     msg, name = _load_for_chat(studio, run_name, adapter, msg)
-    settings = _settings(system, temperature, top_p, max_new_tokens, seed)
+    settings = _settings(system, temperature, top_p, studio.cap_new_tokens(max_new_tokens), seed)
     messages = [{"role": "user", "content": msg}]
-    base = ""
-    for base in _guarded(studio.chat.stream(messages, settings, None, threads=studio.chat_threads())):
-        yield base, ""
-    tuned = ""
-    for tuned in _guarded(studio.chat.stream(messages, settings, name, threads=studio.chat_threads())):
-        yield base, tuned
+    threads = studio.chat_threads()
+    # The session counts once: the pair is one request from this browser.
+    streams = [_guarded(studio.chat.stream(messages, settings, None, threads=threads, session=session)),
+               _guarded(studio.chat.stream(messages, settings, name, threads=threads))]
+    texts, live = ["", ""], [True, True]
+    try:
+        for i in (0, 1):  # start both, so both are queued before either is served
+            texts[i] = next(streams[i], texts[i])
+        yield texts[0], texts[1]
+        while any(live):
+            for i in (0, 1):
+                if live[i]:
+                    try:
+                        texts[i] = next(streams[i])
+                    except StopIteration:
+                        live[i] = False
+            yield texts[0], texts[1]
+    finally:
+        for s in streams:
+            s.close()
 
 
 # ---- runs ----
