@@ -103,15 +103,20 @@ class Room:
         self.errors.append("stream ended without a result")
         return history
 
-    def user(self, i: int, turns: int, start: threading.Barrier) -> None:
+    def user(self, i: int, turns: int, start: threading.Barrier, until: float = 0.0) -> None:
+        """`turns` questions (a first one, then follow-ups with the history); with `until`, starts conversations
+        over until that time, so that a training beside the room has enough steps to measure."""
         session = uuid.uuid4().hex[:12]
-        history: list = []
         start.wait()
-        for t in range(turns):
-            try:
-                history = self.ask(session, QUESTIONS[i % len(QUESTIONS)] if t == 0 else FOLLOW_UP, history)
-            except Exception as e:  # noqa: BLE001 - counted and reported, the bench goes on
-                self.errors.append(f"{type(e).__name__}: {e}")
+        while True:
+            history: list = []
+            for t in range(turns):
+                try:
+                    history = self.ask(session, QUESTIONS[i % len(QUESTIONS)] if t == 0 else FOLLOW_UP, history)
+                except Exception as e:  # noqa: BLE001 - counted and reported, the bench goes on
+                    self.errors.append(f"{type(e).__name__}: {e}")
+            if time.time() >= until:
+                return
 
 
 def page_watcher(url: str, stop: threading.Event, times: list[float]) -> None:
@@ -128,14 +133,14 @@ def page_watcher(url: str, stop: threading.Event, times: list[float]) -> None:
             stop.wait(0.2)
 
 
-def scenario(url: str, users: int, turns: int, new_tokens: int, tok) -> dict:
+def scenario(url: str, users: int, turns: int, new_tokens: int, tok, min_seconds: float = 0.0) -> dict:
     room = Room(url, new_tokens)
     start = threading.Barrier(users)
     stop, gets = threading.Event(), []
     watcher = threading.Thread(target=page_watcher, args=(url, stop, gets), daemon=True)
     watcher.start()
     t0 = time.time()
-    threads = [threading.Thread(target=room.user, args=(i, turns, start)) for i in range(users)]
+    threads = [threading.Thread(target=room.user, args=(i, turns, start, t0 + min_seconds)) for i in range(users)]
     for t in threads:
         t.start()
     for t in threads:
@@ -144,7 +149,7 @@ def scenario(url: str, users: int, turns: int, new_tokens: int, tok) -> dict:
     stop.set()
     watcher.join()
     tokens = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for x in room.texts)
-    return {"users": users, "requests": users * turns, "errors": len(room.errors), "error_samples": room.errors[:3],
+    return {"users": users, "requests": len(room.reply), "errors": len(room.errors), "error_samples": room.errors[:3],
             "first_p50": pctl(room.first, 0.5), "first_p95": pctl(room.first, 0.95),
             "reply_p50": pctl(room.reply, 0.5), "reply_p95": pctl(room.reply, 0.95), "wall_s": wall,
             "tokens": tokens, "tokens_per_s": tokens / wall, "get_p95": pctl(gets, 0.95), "gets": len(gets)}
@@ -205,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(work) / "runs"
         proc, url, _ = start_app(runs, env)
         try:
-            Room(url, 4).ask(uuid.uuid4().hex[:12], "Hi", [])  # load the chat model once, outside the clock
+            warm = Room(url, 8)
+            warm.ask(uuid.uuid4().hex[:12], "Hi", [])  # load the chat model once, outside the clock
+            if warm.errors or not warm.reply:
+                raise SystemExit(f"the warm-up chat failed: {warm.errors}")
             out["alone"] = scenario(url, 1, args.turns, args.new_tokens, tok)
             print(f"1 user: {out['alone']['tokens_per_s']:.1f} tokens/s", flush=True)
             out["room"] = scenario(url, args.users, args.turns, args.new_tokens, tok)
@@ -213,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_train:
                 run = start_training(url, runs, steps=100_000)
                 t_alone = time.time()
-                time.sleep(40)  # the training alone, for its baseline rate
+                time.sleep(60)  # the training alone, for its baseline rate
                 t_room = time.time()
-                out["training"] = scenario(url, args.train_users, args.turns, args.new_tokens, tok)
+                out["training"] = scenario(url, args.train_users, args.turns, args.new_tokens, tok, min_seconds=60)
                 t_end = time.time()
                 out["train_alone_tps"] = training_rate(run, t_alone, t_room)
                 out["train_room_tps"] = training_rate(run, t_room, t_end)
