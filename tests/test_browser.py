@@ -205,3 +205,32 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
     page.wait_for_selector("text=python -m qlora_ui train", timeout=30_000)
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
     page.close()
+
+
+
+def test_lora_options_from_the_train_tab(browser, app):
+    """LoRA init, DoRA and rsLoRA are form fields: a refused combination says why; the chosen ones reach the run."""
+    url, tmp = app
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+    use_tiny_model(page, tmp / "models")
+    page.get_by_role("tab", name="Train").click()
+    assert page.get_by_label("LoRA dropout").count() == 1  # written "LoRA" like the other LoRA labels
+    page.get_by_label("LoRA init").click()
+    page.get_by_role("option", name="loftq").click()
+    page.get_by_label("DoRA", exact=True).check()
+    page.get_by_label("Max steps").fill("2")
+    page.get_by_label("Max steps").press("Tab")
+    before = {p.name for p in (tmp / "runs").iterdir()} if (tmp / "runs").exists() else set()
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_selector("text=do not combine", timeout=30_000)
+    page.get_by_label("DoRA", exact=True).uncheck()
+    page.get_by_label("rsLoRA").check()
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_selector("#train-progress [data-state=finished]", timeout=180_000)
+    run = next(p for p in (tmp / "runs").iterdir() if p.name not in before)
+    cfg = (run / "config.yaml").read_text()
+    assert "lora_init: loftq" in cfg and "use_rslora: true" in cfg and "use_dora: false" in cfg
+    assert "LoftQ:" in (run / "train.log").read_text()
+    page.close()

@@ -114,3 +114,19 @@ def test_a_bad_file_exits_2_from_check_data_and_train_with_the_same_message(name
     assert first and first in trained.stderr, (checked.stderr, trained.stderr)
     assert "Traceback" not in checked.stderr + trained.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_lora_options_from_the_command_line(tiny_model_dir, tmp_path):
+    data = write_csv(tmp_path / "mine.csv")
+    runs = tmp_path / "runs"
+    out = cli("train", "--preset", "cpu-quickstart", "--data", data, "--model", tiny_model_dir, "--max-steps", 2,
+              "--lora-r", 4, "--runs-dir", runs, "--name", "opts", "--batch-size", 2, "--lora-init", "loftq",
+              "--use-rslora", "true")
+    assert out.returncode == 0, out.stderr
+    run = next(runs.iterdir())
+    cfg = (run / "config.yaml").read_text()
+    assert "lora_init: loftq" in cfg and "use_rslora: true" in cfg and "use_dora: false" in cfg
+    assert "LoftQ: 14 layers initialised" in (run / "train.log").read_text()
+    both = cli("train", "--preset", "cpu-quickstart", "--data", data, "--model", tiny_model_dir, "--runs-dir", runs,
+               "--lora-init", "loftq", "--use-dora", "true")
+    assert both.returncode == 2 and "do not combine" in both.stderr and "Traceback" not in both.stderr
