@@ -17,11 +17,13 @@ transformers 5's continuous-batching `generate_batch` does not run on bitsandbyt
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 GATHER_S = 0.05
+IDLE_S = 2.0
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
@@ -63,6 +66,11 @@ class BatchServer:
         self._active_sessions: set[str] = set()
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._closed = False
+        # A worker still inside torch when the interpreter shuts down aborts the process ("terminate called
+        # without an active exception", seen with the CLI chat): at exit, let it finish first.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (server := ref()) is not None and server.close())
         self.batches_served = 0
         self.largest_batch = 0
 
@@ -102,8 +110,18 @@ class BatchServer:
 
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
+            self._closed = False
             self._worker = threading.Thread(target=self._loop, daemon=True, name="chat-batches")
             self._worker.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests and wait for the worker to finish its batch (readers of it get their replies)."""
+        with self._cond:
+            self._closed = True
+            worker = self._worker
+            self._cond.notify_all()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
     def _tell_positions(self) -> None:
         for i, r in enumerate(self._waiting):
@@ -113,7 +131,9 @@ class BatchServer:
         """Up to max_batch waiting requests for the current base, oldest first; see the module doc for adapters."""
         with self._cond:
             while not self._waiting:
-                self._cond.wait(timeout=30)
+                if self._closed:
+                    return []
+                self._cond.wait(timeout=IDLE_S)  # then the worker ends; the next request starts another
                 if not self._waiting:
                     return []
             # Requests sent together (a room asking at once, Compare's pair) arrive a few ms apart: give the oldest
