@@ -25,6 +25,22 @@ def batch(tokenizer):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
+def saved_adapter(cfg: RunConfig, ids, out):
+    """Train-side model with a non-trivial adapter (B and DoRA magnitudes moved), saved to `out`; returns its
+    logits for `ids` (eval mode, the trainable 4-bit layout)."""
+    m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    m.eval()
+    with torch.no_grad():
+        before = m(input_ids=ids).logits
+    m.save_pretrained(out)
+    return before
+
+
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_trains_two_steps_with_every_lora_gradient(option, tiny_model_dir, tokenizer):
     cfg = cfg_for(tiny_model_dir, **OPTIONS[option])
@@ -90,17 +106,8 @@ def test_saved_adapter_reloads_with_the_same_logits(option, tiny_model_dir, toke
     from qlora_ui.modeling import keep_4bit_layout_trainable, load_base_model
 
     cfg = cfg_for(tiny_model_dir, **OPTIONS[option])
-    m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n or "magnitude" in n:
-                p.add_(torch.randn_like(p) * 0.05)
-    m.eval()
     ids = batch(tokenizer)["input_ids"]
-    with torch.no_grad():
-        before = m(input_ids=ids).logits
-    m.save_pretrained(tmp_path / "adapter")
+    before = saved_adapter(cfg, ids, tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["use_dora"] == (option == "dora") and saved["use_rslora"] == (option == "rslora")
     base = load_base_model(str(tiny_model_dir), cfg.model, cfg.quantization)
@@ -145,17 +152,8 @@ def test_chat_serves_a_dora_adapter_with_the_training_logits(tiny_model_dir, tok
     from qlora_ui.chat import ChatEngine, GenerationSettings
 
     cfg = cfg_for(tiny_model_dir, use_dora=True)
-    m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n or "magnitude" in n:
-                p.add_(torch.randn_like(p) * 0.05)
-    m.eval()
     ids = batch(tokenizer)["input_ids"]
-    with torch.no_grad():
-        before = m(input_ids=ids).logits
-    m.save_pretrained(tmp_path / "adapter")
+    before = saved_adapter(cfg, ids, tmp_path / "adapter")
     eng = ChatEngine()
     eng.load(cfg)
     eng.reply([{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=2), None)  # the base generated
