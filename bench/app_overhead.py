@@ -73,6 +73,24 @@ def upload(url: str, path: Path) -> dict:
     return {"path": r.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
 
+def queue_events(client, fn: int, trigger_id, data: list, session: str):
+    """The messages of one call through Gradio's queue, as the page makes it: join, then read the event stream."""
+    r = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
+                                                    "event_data": None, "trigger_id": trigger_id})
+    r.raise_for_status()
+    with client.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as s:
+        for line in s.iter_lines():
+            if line.startswith("data:"):
+                yield json.loads(line[5:])
+
+
+def shows_a_token(msg: dict, updates: int) -> bool:
+    """Whether a streamed chat update carries generated text: the first update echoes the user's message, and
+    place-in-line notices ("⏳ Waiting ...") come before the first token."""
+    shown = json.dumps(msg["output"].get("data", [None])[0], ensure_ascii=False)
+    return updates > 1 and "⏳" not in shown
+
+
 def queue_stream(url: str, api_name: str, data: list):
     """(seconds to the first generated token's update, seconds to completion, final message) of a queued call."""
     import httpx
@@ -80,23 +98,15 @@ def queue_stream(url: str, api_name: str, data: list):
     c = httpx.Client(base_url=url, timeout=600)
     deps = c.get("/config").json()["dependencies"]
     fn = next(i for i, d in enumerate(deps) if d.get("api_name") == api_name)
-    session = uuid.uuid4().hex[:12]
     t0 = time.time()
-    c.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
-                                           "event_data": None, "trigger_id": deps[fn].get("id")})
     first, updates = None, 0
-    with c.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as s:
-        for line in s.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            msg = json.loads(line[5:])
-            if msg.get("msg") == "process_generating":
-                updates += 1
-                # The chat handler first echoes the user's message; the second update carries the first token.
-                if updates == 2 and first is None:
-                    first = time.time() - t0
-            if msg.get("msg") == "process_completed":
-                return first, time.time() - t0, msg
+    for msg in queue_events(c, fn, deps[fn].get("id"), data, uuid.uuid4().hex[:12]):
+        if msg.get("msg") == "process_generating":
+            updates += 1
+            if first is None and shows_a_token(msg, updates):
+                first = time.time() - t0
+        if msg.get("msg") == "process_completed":
+            return first, time.time() - t0, msg
     raise SystemExit(f"{api_name}: the stream ended without a result")
 
 

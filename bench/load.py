@@ -67,39 +67,29 @@ class Room:
 
     def ask(self, session: str, question: str, history: list) -> list:
         import httpx
+        from app_overhead import queue_events, shows_a_token
 
         data = ["Base model only", None, "", 0.0, 0.9, self.new_tokens, 0, question, history]
         t0 = time.time()
         first, updates = None, 0
         with httpx.Client(base_url=self.url, timeout=600) as c:
-            r = c.post("/gradio_api/queue/join", json={"data": data, "fn_index": self.fn, "session_hash": session,
-                                                        "event_data": None, "trigger_id": self.trigger})
-            if r.status_code != 200:
-                self.errors.append(f"join {r.status_code}: {r.text[:200]}")
-                return history
-            with c.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as s:
-                for line in s.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    msg = json.loads(line[5:])
-                    kind = msg.get("msg")
-                    if kind == "process_generating":
-                        updates += 1
-                        shown = json.dumps(msg["output"].get("data", [None])[0], ensure_ascii=False)
-                        # The first update echoes the question; place-in-line notices carry the hourglass.
-                        if updates > 1 and first is None and "⏳" not in shown:
-                            first = time.time() - t0
-                    elif kind == "process_completed":
-                        if not msg.get("success"):
-                            self.errors.append(str(msg.get("output", {}).get("error"))[:200])
-                            return history
-                        out = [{"role": m["role"], "content": text_of(m["content"])}
-                               for m in msg["output"]["data"][0]]  # the chatbot: the conversation so far
-                        self.reply.append(time.time() - t0)
-                        if first is not None:
-                            self.first.append(first)
-                        self.texts.append(out[-1]["content"] if out else "")
-                        return out
+            for msg in queue_events(c, self.fn, self.trigger, data, session):
+                kind = msg.get("msg")
+                if kind == "process_generating":
+                    updates += 1
+                    if first is None and shows_a_token(msg, updates):
+                        first = time.time() - t0
+                elif kind == "process_completed":
+                    if not msg.get("success"):
+                        self.errors.append(str(msg.get("output", {}).get("error"))[:200])
+                        return history
+                    out = [{"role": m["role"], "content": text_of(m["content"])}
+                           for m in msg["output"]["data"][0]]  # the chatbot: the conversation so far
+                    self.reply.append(time.time() - t0)
+                    if first is not None:
+                        self.first.append(first)
+                    self.texts.append(out[-1]["content"] if out else "")
+                    return out
         self.errors.append("stream ended without a result")
         return history
 
