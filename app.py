@@ -25,7 +25,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default="runs", help="Folder holding the run folders (default ./runs).")
     p.add_argument("--model-root", action="append", default=[], metavar="DIR",
                    help="Folder whose model subfolders the app may load (repeatable). Default ./models.")
-    p.add_argument("--max-file-size", default="200mb", help="Upload cap, e.g. 200mb or 1gb.")
+    p.add_argument("--max-file-size", default="200mb", help="Browser upload cap, e.g. 200mb or 1gb.")
+    p.add_argument("--max-data-size", default=None, metavar="SIZE",
+                   help="Largest dataset file the app prepares, uploaded or from --data-root (default 20gb; also "
+                        "QLORA_MAX_DATA_SIZE). Its prepared copy must also fit the free disk.")
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="Folder whose dataset files the Model & Data tab lists, used where they lie: big files need "
+                        "no upload (repeatable). Users can pick any file in it.")
     p.add_argument("--preset", default="cpu-quickstart", help="Preset the form opens with.")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="Let requests turn on trust_remote_code / allow_pickle (a model's own Python, pickle "
@@ -112,11 +118,29 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_ui.ui.app import CSS, build_app
 
     roots = args.model_root or ["models"]
+    if args.max_data_size:
+        from qlora_ui.data import parse_size
+
+        try:
+            parse_size(args.max_data_size)
+        except ValueError:
+            print(f"error: --max-data-size '{args.max_data_size}' is not a size; write it like 20gb or 500mb.",
+                  file=sys.stderr)
+            return 2
+        # An environment variable, so the training processes a multi-process run launches see it too.
+        os.environ["QLORA_MAX_DATA_SIZE"] = args.max_data_size
     shared = args.share or not is_loopback(args.host)
     studio = Studio(args.runs_dir, model_roots=roots, allow_remote_code=args.allow_remote_code,
                     allowed_models=args.allowed_models,
                     chat_max_new_tokens=args.chat_max_new_tokens or (256 if shared else None),
-                    chat_max_waiting=args.chat_max_waiting, chat_max_batch=args.chat_max_batch)
+                    chat_max_waiting=args.chat_max_waiting, chat_max_batch=args.chat_max_batch,
+                    data_roots=args.data_root)
+    if studio.data_roots:
+        import gradio as gr
+
+        # Files under --data-root are handed to the file box as they are: never copied into Gradio's cache
+        # (a 20 GB copy per pick), and a request may name only those.
+        gr.set_static_paths([str(r) for r in studio.data_roots])
     for warning in exposure_warnings(args):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     demo = build_app(studio, preset=args.preset)

@@ -63,20 +63,27 @@ def build_config(args) -> RunConfig:
 
 
 def train_main(args) -> int:
+    from .launch import batch_sentence, job_for
     from .runs import open_run
-    from .training import TrainingJob
+    from .training import RESUME_OVERRIDES
 
     if args.resume:
         run = open_run(args.resume)
         if run.state == "running":
             return fail(f"run {run.name} is still running in another process (pid "
                         f"{run.read_status().get('pid')}). Stop it first.")
-        # `--resume RUN --max-steps N` continues a run (a finished one too) to N steps in all.
+        # `--resume RUN --max-steps N` continues a run (a finished one too) to N steps in all; --processes,
+        # --batch-size, --grad-accum resume it with another number of processes or a smaller batch.
         extend = getattr(args, "cfg__max_steps", None)
-        job = TrainingJob(run=run, resume=True, extend_to=int(float(extend)) if extend is not None else None)
+        overrides = {k: getattr(args, f"cfg__{k}", None) for k in RESUME_OVERRIDES}
+        job = job_for(run=run, resume=True, extend_to=int(float(extend)) if extend is not None else None,
+                      overrides=overrides)
     else:
-        job = TrainingJob(build_config(args))
+        job = job_for(build_config(args))
     print(f"run folder: {job.run.path}", file=sys.stderr)
+    if job.cfg.training.processes > 1:
+        print(f"{job.cfg.training.processes} processes through accelerate, {batch_sentence(job.cfg.training)}",
+              file=sys.stderr)
     bar = None if args.quiet else _ProgressBar()
     if bar:
         job.listener = bar

@@ -63,6 +63,9 @@ class QuantConfig:
     double_quant: bool = fld(True, "Quantize the quantization constants too: saves ~0.37 bits/parameter.")
     compute_dtype: Literal["bf16", "fp16", "fp32"] = fld("bf16", "Dtype the 4-bit weights are dequantized to "
                                                          "for each matmul; also the LoRA adapter dtype.")
+    quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = fld(
+        "uint8", "Dtype that holds the packed 4-bit weights (same bytes either way). FSDP and DeepSpeed ZeRO-3 "
+        "need it equal to compute_dtype (bf16) to shard them; one GPU and DDP use uint8.")
 
 
 @dataclass
@@ -135,6 +138,11 @@ class TrainConfig:
                           step=1)
     save_steps: int = fld(20, "Save a resumable checkpoint every N steps.", min=1, max=100_000, step=1)
     save_total_limit: int = fld(3, "Keep at most this many checkpoints.", min=1, max=1000, step=1)
+    processes: int = fld(1, "Training processes (one per GPU when there are GPUs; CPU processes otherwise). "
+                         "Over 1, the run is launched through accelerate (data parallel): global batch = "
+                         "batch_size x grad_accum x processes.", min=1, max=64, step=1)
+    accelerate_config: str = fld("", "accelerate recipe for processes > 1, by name from presets/accelerate "
+                                 "(empty = plain data parallel, DDP).", max_chars=200)
 
 
 SECTIONS: dict[str, type] = {
@@ -206,6 +214,14 @@ class RunConfig:
         if lo.lora_init == "loftq" and lo.use_dora:
             problems.append("lora_init loftq with use_dora: DoRA's magnitudes are computed before LoftQ sets the "
                             "adapter, so the two do not combine. Turn one off.")
+        if self.training.accelerate_config:
+            from .accelerate_configs import accelerate_config_path, check_quant_for_strategy
+
+            try:
+                accelerate_config_path(self.training.accelerate_config)
+                problems += check_quant_for_strategy(q, self.training.accelerate_config)
+            except ConfigError as e:
+                problems += e.problems
         if problems:
             raise ConfigError(problems)
         return self

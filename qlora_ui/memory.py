@@ -236,6 +236,8 @@ def _hub_cached_config(repo_id: str) -> Path | None:
 
 Device = Literal["cuda", "cpu"]
 Precision = Literal["app", "paper"]
+Strategy = Literal["ddp", "fsdp", "deepspeed"]
+STRATEGIES = {"ddp": "DDP", "fsdp": "FSDP", "deepspeed": "DeepSpeed ZeRO-3"}
 OPTIMIZER_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
 
 
@@ -259,6 +261,13 @@ class PlanSettings:
     # LoRA layers, embeddings and lm_head back to bf16.
     precision: Precision = "app"
     device: Device = "cuda"
+    # Several processes (docs/memory.md, "Several processes"): the estimate is then per device. DDP replicates
+    # the model on each; FSDP and DeepSpeed ZeRO-3 shard it.
+    processes: int = 1
+    strategy: Strategy = "ddp"
+    # FSDP offload_params / ZeRO-3 offload_param_device: the shards (and their gradients and optimizer state)
+    # live in CPU RAM; the GPU keeps only the gathered units and the activations.
+    offload: bool = False
 
     @classmethod
     def from_config(cls, run: RunConfig, **overrides) -> PlanSettings:
@@ -266,8 +275,14 @@ class PlanSettings:
         s = cls(batch=t.batch_size, seq=run.data.max_length, rank=lo.lora_r, targets=lo.target_modules,
                 lora_dropout=lo.lora_dropout, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                 load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, quant_type=q.quant_type,
-                compute_dtype=q.compute_dtype)
+                compute_dtype=q.compute_dtype, processes=max(1, int(getattr(t, "processes", 1) or 1)),
+                **_strategy_of(getattr(t, "accelerate_config", "")))
         return dataclasses.replace(s, **overrides)
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP / ZeRO-3 across more than one process: model, adapter, gradients and optimizer state split N ways."""
+        return self.processes > 1 and self.strategy in ("fsdp", "deepspeed")
 
     @property
     def method(self) -> str:
@@ -275,6 +290,20 @@ class PlanSettings:
         if not self.load_in_4bit:
             return "lora_16bit"
         return "qlora" if self.double_quant else "qlora_no_double_quant"
+
+
+def _strategy_of(accelerate_config: str) -> dict:
+    """{"strategy", "offload"} for a recipe name; plain data parallel when none is named (or it is unknown: the
+    config's own validation reports that, the planner keeps planning)."""
+    if not (accelerate_config or "").strip():
+        return {"strategy": "ddp", "offload": False}
+    from .accelerate_configs import offloads_params, strategy_of
+    from .config import ConfigError
+
+    try:
+        return {"strategy": strategy_of(accelerate_config), "offload": offloads_params(accelerate_config)}
+    except ConfigError:
+        return {"strategy": "ddp", "offload": False}
 
 
 # ---------------------------------------------------------------- the estimate
@@ -287,8 +316,8 @@ def estimate(shape: ModelShape, s: PlanSettings) -> dict[str, dict[str, float]]:
     opt = OPTIMIZER_STATE_BYTES.get(s.optimizer, 8)
     adapter = 4 if s.precision == "app" else 2  # peft autocasts adapters to fp32; the paper's code uses bf16
     frozen_16 = 2  # bf16/fp16 copy of every frozen weight
-    # After prepare_model_for_kbit_training every non-4-bit parameter (embeddings, norms, lm_head) is fp32.
-    unquantized = (n_all - n_q) * (4 if s.precision == "app" else 2)
+    u_bytes = unquantized_bytes(s)
+    unquantized = (n_all - n_q) * u_bytes
 
     out: dict[str, dict[str, float]] = {}
     out["full_finetune"] = _parts(weights=frozen_16 * n_all, gradients=2 * n_all, optimizer=opt * n_all,
@@ -302,11 +331,69 @@ def estimate(shape: ModelShape, s: PlanSettings) -> dict[str, dict[str, float]]:
                                           **lora_common, activations=q_act)
     out["qlora"] = _parts(weights=q_weights, quant_constants=n_q * CONST_BITS_DOUBLE / 8, **lora_common,
                           activations=q_act)
+    if s.processes > 1:
+        out = {m: per_device(shape, s, m, parts, u_bytes) for m, parts in out.items()}
     return out
+
+
+def unquantized_bytes(s: PlanSettings) -> int:
+    """Bytes per QLoRA parameter that is not 4-bit (embeddings, norms, lm_head)."""
+    # After prepare_model_for_kbit_training every non-4-bit parameter is fp32. Sharded QLoRA skips that upcast
+    # and loads the whole model in the storage dtype (bf16): FSDP flattens each unit into one tensor of one dtype.
+    return 4 if s.precision == "app" and not s.sharded else 2
+
+
+def per_device(shape: ModelShape, s: PlanSettings, method: str, parts: dict[str, float],
+               u_bytes: int) -> dict[str, float]:
+    """One device's share of a method's parts when `s.processes` > 1. Activations stay per device: each
+    process runs its own batch of `s.batch` examples.
+
+    DDP: every part is replicated; the reducer also keeps its own bucketed copy of the trainable gradients.
+    FSDP / ZeRO-3: weights, constants, adapter, gradients and optimizer state are split N ways, and the
+    device also holds the full weights of the units gathered for compute (gathered_bytes).
+    """
+    p = dict(parts)
+    if not s.sharded:
+        p["gradients"] *= 2
+        return p
+    for k in ("weights", "quant_constants", "adapter", "gradients", "optimizer"):
+        p[k] = 0.0 if s.offload else p[k] / s.processes
+    p["weights"] += gathered_bytes(shape, method, u_bytes)
+    return p
+
+
+def offloaded_bytes(shape: ModelShape, s: PlanSettings, method: str) -> float:
+    """CPU RAM each process holds with offload: its shard of everything but the activations."""
+    if not (s.sharded and s.offload):
+        return 0.0
+    full = estimate(shape, dataclasses.replace(s, offload=False))[method]
+    gathered = gathered_bytes(shape, method, unquantized_bytes(s))
+    return sum(v for k, v in full.items() if k != "activations") - gathered
+
+
+def gathered_bytes(shape: ModelShape, method: str, u_bytes: int) -> float:
+    """Unsharded weights a sharded device holds at its peak: two decoder layers (the one computing and the one
+    prefetched for backward, BACKWARD_PRE) and the root unit (embeddings, lm_head, final norm), which FSDP
+    keeps gathered from forward to backward. A QLoRA layer is gathered as packed 4-bit + constants."""
+    layer_linear = sum(a * b for a, b in shape.linears().values())
+    norms = 2 * shape.hidden
+    if method.startswith("qlora"):
+        const = CONST_BITS_DOUBLE if method == "qlora" else CONST_BITS_SINGLE
+        layer = layer_linear * (NF4_BITS + const) / 8 + norms * u_bytes
+        root_bytes = u_bytes
+    else:
+        layer, root_bytes = (layer_linear + norms) * 2, 2
+    counts = shape.param_counts()
+    return 2 * layer + (counts["embeddings"] + counts["lm_head"] + shape.hidden) * root_bytes
 
 
 def _parts(**values: float) -> dict[str, float]:
     return {p: float(values.get(p, 0.0)) for p in PARTS}
+
+
+def _stream_bytes(s: PlanSettings, kind: str) -> int:
+    # QLoRA's fp32 norms make the residual stream fp32; sharded QLoRA keeps the whole model in bf16 (no upcast).
+    return 4 if kind == "qlora" and not s.sharded else 2
 
 
 def _autocast(s: PlanSettings) -> bool:
@@ -327,7 +414,7 @@ def layer_saved_tensors(shape: ModelShape, s: PlanSettings, kind: str) -> dict[s
     """
     h, i = shape.hidden, shape.intermediate
     qd, kvd = shape.heads * shape.hd, shape.kv_heads * shape.hd
-    e = 4 if kind == "qlora" else 2  # residual stream and MLP elementwise ops (autocast leaves them alone)
+    e = _stream_bytes(s, kind)  # residual stream and MLP elementwise ops (autocast leaves them alone)
     ac = _autocast(s)
     e_attn = 2 if ac else e  # SDPA is on autocast's 16-bit list
     a = 4 if s.precision == "app" else 2  # adapter dtype: where LoRA's input is cast and dropped out
@@ -379,7 +466,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
     """
     t = s.batch * s.seq
     h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
-    e = 4 if kind == "qlora" else 2
+    e = _stream_bytes(s, kind)
     per_layer = sum(layer_saved_tensors(shape, s, kind).values())
     working = e * (2 * h + (3 if shape.gated_mlp else 2) * i)  # residual grad + MLP hidden grads
     if s.gradient_checkpointing:
@@ -390,7 +477,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
         layer_peak = working * t
     stored += e * h * t  # the final norm's input
     # lm_head is fp32 after kbit preparation, so QLoRA's logits are fp32 unless autocast makes them 16-bit.
-    logits_fp32 = kind == "qlora" and s.precision == "app" and not _autocast(s)
+    logits_fp32 = kind == "qlora" and s.precision == "app" and not _autocast(s) and not s.sharded
     logits_peak = t * V * (12 + (0 if logits_fp32 else 2))
     if kind == "qlora":
         layer_peak += 6 * max(a_ * b_ for a_, b_ in shape.linears().values())
@@ -440,6 +527,20 @@ class Plan:
     def total_gb(self, method: str | None = None) -> float:
         return sum(self.breakdown[method or self.method].values()) / GB
 
+    def machine_need_gb(self, method: str | None = None) -> float:
+        """What the memory the verdict compares with must hold: one device's share on GPUs (each process has
+        its own), all processes together on CPU (they share this machine's RAM)."""
+        s = self.settings
+        return self.total_gb(method) * (s.processes if s.device == "cpu" else 1)
+
+    def scope(self) -> str:
+        """", per device, 2 processes (FSDP)" when the figures are per device; empty for one process."""
+        s = self.settings
+        if s.processes <= 1:
+            return ""
+        off = ", parameters offloaded to CPU" if s.sharded and s.offload else ""
+        return f", per device, {s.processes} processes ({STRATEGIES.get(s.strategy, s.strategy)}{off})"
+
     def spillable_gb(self, method: str | None = None) -> float:
         """Optimizer state a paged optimizer can move to CPU RAM (CUDA unified memory) when the GPU is full."""
         if self.settings.device != "cuda" or not self.settings.optimizer.startswith("paged_"):
@@ -455,7 +556,18 @@ class Plan:
             "settings": {"batch": s.batch, "seq": s.seq, "rank": s.rank, "targets": s.targets,
                          "optimizer": s.optimizer, "gradient_checkpointing": s.gradient_checkpointing,
                          "quant_type": s.quant_type, "double_quant": s.double_quant,
-                         "load_in_4bit": s.load_in_4bit, "precision": s.precision, "device": s.device},
+                         "load_in_4bit": s.load_in_4bit, "precision": s.precision, "device": s.device,
+                         "processes": s.processes, "strategy": s.strategy, "offload": s.offload},
+            # With processes > 1 every *_gb figure and the breakdown are per device; these say so explicitly.
+            "processes": s.processes,
+            "strategy": s.strategy,
+            "per_device_gb": round(self.total_gb(), 3),
+            "per_device_breakdown": {p: round(v / GB, 4) for p, v in self.breakdown[self.method].items()},
+            "gathered_gb": round(gathered_bytes(self.shape, self.method, unquantized_bytes(s)) / GB, 3)
+            if s.sharded else 0.0,
+            "offload": s.sharded and s.offload,
+            "offloaded_cpu_gb": round(offloaded_bytes(self.shape, s, self.method) / GB, 3),
+            "all_processes_gb": round(self.total_gb() * s.processes, 3),
             "full_finetune_gb": round(self.total_gb("full_finetune"), 3),
             "lora_16bit_gb": round(self.total_gb("lora_16bit"), 3),
             "qlora_gb": round(self.total_gb("qlora"), 3),
@@ -476,7 +588,7 @@ class Plan:
         badge = {"fits": "qs-ok", "tight": "qs-warn", "will not fit": "qs-bad"}[self.verdict]
         lines = [(f'<span class="qs-badge {badge}">{self.verdict.upper()}</span> — ' f"{METHODS[self.method]} needs "
                   f"**{self.total_gb():.1f} GB** of "
-                  f"{self.device_gb:.1f} GB {self.device_label} "
+                  f"{self.device_gb:.1f} GB {self.device_label}{self.scope()} "
                   f"({self.shape.name}, {self.shape.total_params / 1e9:.2f}B params, batch {self.settings.batch} "
                   f"x {self.settings.seq} tokens, rank {self.settings.rank}).")]
         if self.advice:
@@ -494,6 +606,12 @@ def make_plan(model: str, settings: PlanSettings, device_gb: float, device_label
     spill = plan.spillable_gb()
     if plan.verdict == "tight" and spill and plan.total_gb() > device_gb:
         plan.notes.append(f"Runs only by paging up to {spill:.1f} GB of optimizer state to CPU RAM (slower).")
+    offloaded = offloaded_bytes(plan.shape, settings, plan.method)
+    if offloaded:
+        plan.notes.append(f"Each process also holds {offloaded / GB:.1f} GB in CPU RAM (its offloaded shards).")
+    if settings.device == "cpu" and settings.processes > 1:
+        plan.notes.append(f"{settings.processes} processes share this machine's RAM: {plan.machine_need_gb():.1f} GB "
+                          "in all.")
     if settings.device == "cpu":
         plan.notes.append(f"CPU estimate of resident memory, including {CPU_RUNTIME_BYTES / 1e6:.0f} MB of runtime and "
                           "the free memory glibc keeps in its heap (docs/memory.md).")
@@ -501,7 +619,7 @@ def make_plan(model: str, settings: PlanSettings, device_gb: float, device_label
 
 
 def judge(plan: Plan) -> str:
-    need, dev = plan.total_gb(), plan.device_gb
+    need, dev = plan.machine_need_gb(), plan.device_gb
     if need <= FIT_SHARE * dev:
         return "fits"
     # A paged optimizer lets the run go on as long as everything else fits; its state then pages over PCIe.
@@ -514,6 +632,10 @@ def _candidates(s: PlanSettings) -> list[tuple[str, PlanSettings]]:
     """Single changes, in the order we would suggest them: the ones that cost no quality first."""
     r = dataclasses.replace
     out = []
+    if s.processes > 1 and not s.sharded and s.device == "cuda":
+        # Costs no quality: the same run, the model split across the GPUs instead of copied onto each.
+        out.append(("shard the model across the GPUs (--accelerate-config fsdp-qlora --quant-storage bf16)",
+                    r(s, strategy="fsdp")))
     if not s.load_in_4bit:
         out.append(("load the base model in 4-bit (QLoRA: turn on load_in_4bit)",
                     r(s, load_in_4bit=True, double_quant=True)))
@@ -582,7 +704,8 @@ def detect_device_memory_gb() -> tuple[float, str]:
 
 
 def plan_for_config(cfg: RunConfig, device_gb: float | None = None, *, device: Device | None = None,
-                    precision: Precision = "app") -> Plan:
+                    precision: Precision = "app", processes: int | None = None,
+                    strategy: Strategy | None = None, offload: bool | None = None) -> Plan:
     """The plan for a run config. Without `device_gb`, plans for this machine (its GPU, else its RAM); an
     explicit `device_gb` is a GPU of that size unless `device="cpu"`."""
     if device_gb is None:
@@ -591,7 +714,9 @@ def plan_for_config(cfg: RunConfig, device_gb: float | None = None, *, device: D
     else:
         device = device or "cuda"
         label = "GPU VRAM" if device == "cuda" else "RAM"
-    settings = PlanSettings.from_config(cfg, device=device, precision=precision)
+    extra = {k: v for k, v in (("processes", processes), ("strategy", strategy), ("offload", offload))
+             if v is not None}
+    settings = PlanSettings.from_config(cfg, device=device, precision=precision, **extra)
     return make_plan(cfg.model.base_model, settings, float(device_gb), label)
 
 
@@ -652,7 +777,8 @@ def plan_figure(plan: Plan):
     fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.13, showarrow=False, xanchor="left",
                        yanchor="top", align="left", font={"size": 11})
     # Linear axis on purpose: a log axis would distort the stacked parts.
-    fig.update_layout(barmode="stack", title={"text": f"{plan.shape.name}: {plan.total_gb():.1f} GB → {plan.verdict}",
+    fig.update_layout(barmode="stack", title={"text": f"{plan.shape.name}{plan.scope()}: {plan.total_gb():.1f} GB → "
+                                                      f"{plan.verdict}",
                                               "font": {"size": 14}},
                       yaxis_title="GB", height=480, legend={"orientation": "h", "y": -0.3, "x": 0},
                       margin={"l": 50, "r": 10, "t": 50, "b": 130}, xaxis={"tickangle": 0, "automargin": True})
@@ -685,6 +811,13 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--precision", choices=["app", "paper"], default="app",
                    help="app: dtypes as this app trains (fp32 adapters and embeddings); paper: as the QLoRA "
                    "paper's code (bf16)")
+    p.add_argument("--processes", type=int, help="training processes, one per GPU: figures become per device")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), help="with --processes N: ddp replicates the model on "
+                   "every device, fsdp / deepspeed (ZeRO-3) shard it (default: the preset's accelerate_config, "
+                   "else ddp)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="with fsdp / deepspeed: parameters, gradients and optimizer state in CPU RAM (GPU keeps "
+                   "the gathered layers and activations)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=plan_main)
 
@@ -708,7 +841,11 @@ def plan_main(args) -> int:
             device_gb = preset_target_gb(args.preset)
         if device_gb is not None and not (math.isfinite(device_gb) and device_gb > 0):
             raise ConfigError([f"--device-gb {device_gb}: give a positive number of GB"])
-        plan = plan_for_config(cfg, device_gb, device=args.device, precision=args.precision)
+        procs = getattr(args, "processes", None)
+        if procs is not None and procs < 1:
+            raise ConfigError([f"--processes {procs}: give 1 or more"])
+        plan = plan_for_config(cfg, device_gb, device=args.device, precision=args.precision, processes=procs,
+                               strategy=getattr(args, "strategy", None), offload=getattr(args, "offload", None))
     except ShapeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -727,7 +864,8 @@ def format_plan(plan: Plan) -> str:
     s = plan.settings
     head = (f"{plan.shape.name}: {plan.shape.total_params / 1e9:.2f}B params | batch {s.batch} x {s.seq} tokens | "
             f"LoRA r{s.rank} ({s.targets}) | {s.optimizer} | gradient checkpointing "
-            f"{'on' if s.gradient_checkpointing else 'off'} | {s.precision} precision, {s.device}")
+            f"{'on' if s.gradient_checkpointing else 'off'} | {s.precision} precision, {s.device}"
+            + (f" | GB{plan.scope()}" if s.processes > 1 else ""))
     cols = [m for m in METHODS]
     lines = [head, "", f"{'GB':<16}" + "".join(f"{METHODS[m]:>28}" for m in cols)]
     for part in PARTS:

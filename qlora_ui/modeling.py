@@ -158,14 +158,29 @@ def bnb_config(q: QuantConfig):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, DTYPES[q.compute_dtype]),
-        bnb_4bit_quant_storage=torch.uint8,
+        # uint8 on one GPU; FSDP / ZeRO-3 need the compute dtype to shard the packed weights (accelerate_configs).
+        bnb_4bit_quant_storage=getattr(torch, DTYPES.get(q.quant_storage, "uint8")),
     )
 
 
+def sharded() -> bool:
+    """True inside a process of an FSDP or DeepSpeed launch (accelerate sets these for every rank)."""
+    import os
+
+    return any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP",
+                                                                        "ACCELERATE_USE_DEEPSPEED"))
+
+
 def device_map():
+    """Where the base goes: this process's own GPU under a multi-process launch (LOCAL_RANK), the CPU without
+    one. Under FSDP accelerate places and shards the weights itself, so no map is given."""
+    import os
+
     import torch
 
-    return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    if sharded():
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
 
 
 def load_base_model(path: str, m: ModelConfig, q: QuantConfig):
@@ -180,6 +195,9 @@ def load_base_model(path: str, m: ModelConfig, q: QuantConfig):
     if q.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(q)
         kwargs["dtype"] = getattr(torch, DTYPES[q.compute_dtype])
+        if sharded() and q.quant_storage != "uint8":
+            # Sharded QLoRA: every unflattened tensor in the storage dtype, loaded without a device map.
+            kwargs["dtype"] = getattr(torch, DTYPES.get(q.quant_storage, q.quant_storage))
     else:
         kwargs["dtype"] = getattr(torch, DTYPES[q.compute_dtype])
     try:
@@ -216,7 +234,15 @@ def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, qu
         raise RuntimeError("This model instance has been used for generation and cannot be trained; "
                            "load a fresh instance for training.")
 
-    if quantized:
+    if quantized and sharded():
+        # FSDP/ZeRO-3 flatten each wrapped layer into one tensor of one dtype: the 4-bit weights are stored in
+        # bf16 (quant_storage), so the norms must stay bf16 too; prepare_model_for_kbit_training would upcast them
+        # to fp32 (trl skips it for sharded QLoRA the same way).
+        keep_4bit_layout_trainable(model)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    elif quantized:
         keep_4bit_layout_trainable(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,

@@ -52,11 +52,17 @@ def overlay_figure(runs: dict[str, list[dict[str, Any]]], title: str = "Loss by 
     return fig
 
 
-def length_histogram(lengths: list[int], max_length: int, over: int | None = None) -> go.Figure:
-    """Token lengths with the cutoff line; `over` = rows dropped as too long (their lengths may be absent)."""
-    over = sum(1 for n in lengths if n > max_length) if over is None else over
-    fig = go.Figure(go.Histogram(x=lengths, nbinsx=min(60, max(10, len(set(lengths)))), marker_color=COLORS[0],
-                                 name="examples"))
+def length_histogram(lengths, max_length: int, over: int | None = None) -> go.Figure:
+    """Token lengths with the cutoff line; `over` = rows dropped as too long (their lengths may be absent).
+
+    Binned here (numpy), so a million rows send 60 bars to the browser, not a million numbers."""
+    import numpy as np
+
+    xs = np.asarray(lengths, dtype=np.int64)
+    over = int((xs > max_length).sum()) if over is None else over
+    counts, edges = np.histogram(xs, bins=min(60, max(10, len(np.unique(xs)))))
+    fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), marker_color=COLORS[0],
+                           name="examples"))
     fig.add_vline(x=max_length, line_dash="dash", line_color=COLORS[1],
                   annotation_text=f"max_length {max_length}: {over} row(s) dropped", annotation_position="top right")
     fig.update_layout(title="Tokens per example", xaxis_title="tokens", yaxis_title="rows", height=320,

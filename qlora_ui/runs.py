@@ -5,7 +5,8 @@ runs/<timestamp>-<name>/
   status.json      state (running/stopped/finished/failed/interrupted), message, pid, step   (atomic writes)
   metrics.jsonl    one JSON object per log step, append-only; eval rows carry eval_loss
   train.log        the log of the run
-  data/            a copy of the dataset file (uploads are not left in a temp dir)
+  dataset.json     the dataset it trained on: path, size, sha256, and whether data/ holds a copy
+  data/            a copy of the dataset file when it is small (<= 50 MB; uploads are not left in a temp dir)
   checkpoints/     resumable Trainer checkpoints (checkpoint-<step>/)
   adapter/         the PEFT adapter (safetensors) + tokenizer
   tensorboard/     TensorBoard events (a copy of metrics.jsonl's scalars for `tensorboard --logdir runs`)
@@ -240,18 +241,54 @@ def create_run(cfg: RunConfig) -> RunDir:
     return run
 
 
+COPY_DATA_MAX_BYTES = 50 * 1024 * 1024  # datasets up to this size are copied into the run folder
+
+
 def copy_dataset_into(run: RunDir, cfg: RunConfig) -> RunConfig:
-    """Keep the data with the run: uploads live in a temp dir that Gradio cleans up."""
+    """Record the dataset (path, size, sha256) in dataset.json, and keep a small one with the run: uploads live
+    in a temp dir that Gradio cleans up. A big one is not copied into every run folder; the record says where it
+    lives, and a resume checks that it is still the same file (`check_run_dataset`)."""
+    from .data import file_digest
+
     src = Path(cfg.data.data_path)
     if not src.is_file():
         return cfg
-    run.data_dir.mkdir(exist_ok=True)
-    dst = run.data_dir / safe_name(src.name)
-    if src.resolve() != dst.resolve():
-        shutil.copyfile(src, dst)
-    cfg = cfg.updated(data_path=str(dst.resolve()))
-    run.write_config(cfg)
+    size = src.stat().st_size
+    record = {"path": str(src.resolve()), "name": src.name, "size": size, "sha256": file_digest(src),
+              "copied": size <= COPY_DATA_MAX_BYTES}
+    if record["copied"]:
+        run.data_dir.mkdir(exist_ok=True)
+        dst = run.data_dir / safe_name(src.name)
+        if src.resolve() != dst.resolve():
+            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        cfg = cfg.updated(data_path=str(dst.resolve()))
+        record["copy"] = str(dst.resolve())
+        run.write_config(cfg)
+    atomic_write_text(run.path / "dataset.json", json.dumps(record, indent=1))
     return cfg
+
+
+def check_run_dataset(run: RunDir, data_path: str) -> None:
+    """Before a resume: the dataset must be the one the run started on (same sha256), or the run is refused."""
+    try:
+        record = json.loads((run.path / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # a run from before dataset.json: nothing to compare with
+    p = Path(data_path)
+    where = f"{p}" + ("" if record.get("copied") else " (too big to copy into the run folder, so it is used "
+                                                      "where it lies)")
+    if not p.is_file():
+        raise ConfigError([f"{run.name} trained on {where}, which no longer exists. Put the same file back there "
+                           "to resume, or start a new run."])
+    from .data import file_digest
+
+    if p.stat().st_size != record.get("size") or file_digest(p) != record.get("sha256"):
+        raise ConfigError([f"{run.name} cannot resume: its dataset {where} has changed since the run started "
+                           f"(it was {record.get('size'):,} bytes, sha256 {str(record.get('sha256'))[:12]}..., now "
+                           f"{p.stat().st_size:,} bytes). Resuming on other data would mix two trainings. Restore "
+                           "the original file, or start a new run on the new one."])
 
 
 def open_run(path: str | Path, runs_dir: str | Path | None = None) -> RunDir:

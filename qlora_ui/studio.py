@@ -13,6 +13,7 @@ from pathlib import Path
 from .chat import ChatEngine
 from .chat_llama import LlamaCppEngine
 from .config import ConfigError, RunConfig
+from .launch import LaunchedJob
 from .runs import RunDir, list_runs, open_run
 from .training import TrainingJob
 
@@ -27,7 +28,7 @@ class Studio:
     def __init__(self, runs_dir: str | Path = "runs", model_roots: list[str | Path] | None = None,
                  presets_dir: str | Path | None = None, allow_remote_code: bool = False,
                  allowed_models: list[str] | None = None, chat_max_new_tokens: int | None = None,
-                 chat_max_waiting: int = 32, chat_max_batch: int = 16):
+                 chat_max_waiting: int = 32, chat_max_batch: int = 16, data_roots: list[str | Path] | None = None):
         from .config import PRESETS_DIR
 
         self.presets_dir = Path(presets_dir) if presets_dir else PRESETS_DIR
@@ -35,6 +36,8 @@ class Studio:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         # Folders a user may type model paths from; a typed path outside these is refused.
         self.model_roots = [Path(p).resolve() for p in (model_roots or [])]
+        # Folders whose dataset files the Model & Data tab lists (--data-root): big files used in place, no upload.
+        self.data_roots = [Path(p).resolve() for p in (data_roots or [])]
         # Running a model's own Python (auto_map) or unpickling its weights is the operator's decision at launch
         # (--allow-remote-code), never a form value: anyone on a shared link can post any form value.
         self.allow_remote_code = allow_remote_code
@@ -60,11 +63,13 @@ class Studio:
                 raise StudioBusy(f"A training run is already in progress ({self.job.run.name}, step "
                                  f"{self.job.step}/{self.job.max_steps or '?'}). Stop it first: one run at a time.")
             self.check_model(cfg.model)
+            self.check_recipe(cfg.training.accelerate_config)
             cfg = cfg.updated(runs_dir=str(self.runs_dir))
-            self.job = TrainingJob(cfg).start()
+            # processes > 1: launched through accelerate and followed from the run folder, same job surface.
+            self.job = self._job_class(cfg.training.processes)(cfg).start()
             return self.job
 
-    def resume(self, run_name: str) -> TrainingJob:
+    def resume(self, run_name: str, overrides: dict | None = None) -> TrainingJob:
         with self._lock:
             if self.busy():
                 raise StudioBusy("A training run is already in progress. Stop it before resuming another.")
@@ -72,8 +77,22 @@ class Studio:
             if run.state == "running":
                 raise StudioBusy(f"{run.name} is running in another process.")
             self.check_model(run.config().model)
-            self.job = TrainingJob(run=run, resume=True).start()
+            n = (overrides or {}).get("processes") or run.config().training.processes
+            self.job = self._job_class(int(n))(run=run, resume=True, overrides=overrides).start()
             return self.job
+
+    @staticmethod
+    def check_recipe(name: str) -> None:
+        """A request names a shipped accelerate recipe or none; a file path is for the command line only."""
+        from .accelerate_configs import list_accelerate_configs
+
+        if name and name not in list_accelerate_configs():
+            raise ConfigError([f"accelerate_config '{name}': pick one of {', '.join(list_accelerate_configs())}. "
+                               "Your own accelerate config file can be used from the command line."])
+
+    @staticmethod
+    def _job_class(processes: int) -> type[TrainingJob]:
+        return LaunchedJob if processes > 1 else TrainingJob
 
     def cap_new_tokens(self, n) -> int:
         n = int(n or 1)
@@ -173,6 +192,30 @@ class Studio:
             m = ModelConfig(base_model=base_model)
             self._tokenizers[base_model] = load_tokenizer(resolve_model_path(m), m)
         return self._tokenizers[base_model]
+
+    def data_files(self, limit: int = 500) -> list[tuple[str, str]]:
+        """(shown name, path) of the dataset files under the --data-root folders (three levels deep at most)."""
+        from .data import EXTENSIONS
+
+        out = []
+        for root in self.data_roots:
+            if not root.is_dir():
+                continue
+            for p in sorted(root.rglob("*")):
+                rel = p.relative_to(root)
+                if len(rel.parts) <= 3 and p.suffix.lower() in EXTENSIONS and p.is_file():
+                    out.append((f"{root.name}/{rel}", str(p)))
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def check_data_file(self, path: str) -> Path:
+        """A server-side dataset path a request names: only inside a --data-root folder."""
+        p = Path(path).expanduser().resolve()
+        if not any(r in p.parents for r in self.data_roots):
+            raise ConfigError([f"'{Path(path).name}' is not in a folder this app serves datasets from "
+                               "(--data-root). Upload the file instead."])
+        return p
 
     def local_models(self) -> list[str]:
         out = []

@@ -54,7 +54,7 @@ def _make_callback(job: TrainingJob):
 
         def on_step_end(self, args, state, control, **kw):
             job.step = state.global_step
-            if job.stop_event.is_set():
+            if job.should_stop(args.world_size):
                 # Save a resumable checkpoint at the stop point too, not only the adapter.
                 control.should_save = True
                 control.should_training_stop = True
@@ -71,12 +71,14 @@ def _make_callback(job: TrainingJob):
             done = state.global_step - job._session_start_step
             elapsed = now - job._t_start
             eta = (state.max_steps - state.global_step) * elapsed / done if done > 0 else None
-            row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                                   "world_size": args.world_size}
             if "eval_loss" in logs:
                 row["eval_loss"] = logs["eval_loss"]
             else:
                 if "train_loss" in logs:  # the end-of-training summary row: not a log step
                     return
+                # num_input_tokens_seen is already summed over every process by the Trainer.
                 row.update(loss=loss, lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                            tokens_per_s=(tokens - tok_prev) / max(now - t_prev, 1e-6),
                            tokens_seen=tokens)
@@ -112,24 +114,66 @@ def check_resumable(run: RunDir, extend_to: int | None = None) -> None:
     raise ConfigError([f"{run.name} finished all {done} steps, so there is nothing to resume. {how}"])
 
 
+# Settings a resume may change: how many processes, and a smaller per-device batch after running out of memory.
+RESUME_OVERRIDES = ("processes", "batch_size", "grad_accum", "accelerate_config")
+
+
+class RankView(RunDir):
+    """The run folder as a non-zero rank of a multi-process run sees it: readable, never written (rank 0 writes
+    the run folder; the Trainer itself writes only its per-rank RNG state into checkpoints)."""
+
+    def write_status(self, *a, **kw) -> None:
+        pass
+
+    def write_config(self, *a, **kw) -> None:
+        pass
+
+    def append_metrics(self, *a, **kw) -> None:
+        pass
+
+    def truncate_metrics(self, *a, **kw) -> None:
+        pass
+
+
 class TrainingJob:
-    """A training run: `run()` blocks, `start()` runs it in a thread, `stop()` asks it to end and save."""
+    """A training run: `run()` blocks, `start()` runs it in a thread, `stop()` asks it to end and save.
+
+    `launched=True` is one process of a multi-process run (qlora_ui.launch): the launcher already checked the
+    model and data and made the run folder, and only `rank` 0 writes to it.
+    """
 
     def __init__(self, cfg: RunConfig | None = None, *, run: RunDir | None = None, resume: bool = False,
                  listener: Listener | None = None, extra_callbacks: list | None = None,
-                 extend_to: int | None = None):
+                 extend_to: int | None = None, overrides: dict[str, Any] | None = None,
+                 launched: bool = False, rank: int = 0):
         if cfg is None and run is None:
             raise ValueError("give a config or a run to resume")
         self.resume = resume
-        self.cfg = run.config() if (resume and run is not None and cfg is None) else cfg
-        if resume and run is not None and extend_to is not None:
-            check_resumable(run, extend_to)
-            if extend_to != self.cfg.training.max_steps:
-                log.info("continuing %s to %d steps", run.name, extend_to)
-                self.cfg = self.cfg.updated(max_steps=extend_to)
+        self.rank = rank
+        if rank != 0 and run is not None:
+            run = RankView(run.path)
+        self.cfg = run.config() if (run is not None and cfg is None) else cfg
+        if resume and run is not None and not launched:
+            if extend_to is not None:
+                check_resumable(run, extend_to)
+                if extend_to != self.cfg.training.max_steps:
+                    log.info("continuing %s to %d steps", run.name, extend_to)
+                    self.cfg = self.cfg.updated(max_steps=extend_to)
+            from .config import FIELD_INDEX, coerce
+
+            wanted = {k: coerce(FIELD_INDEX[k][1], v) for k, v in (overrides or {}).items()
+                      if k in RESUME_OVERRIDES and v is not None}
+            changes = {k: v for k, v in wanted.items() if v != self.cfg.get(k)}
+            if changes:
+                log.info("resuming %s with %s", run.name, ", ".join(f"{k}={v}" for k, v in changes.items()))
+                self.cfg = self.cfg.updated(**changes)
+            if extend_to is not None or changes:
+                self.cfg.validate(need_data=True)
                 run.write_config(self.cfg)
         self.cfg.validate(need_data=True)
-        if not resume:
+        if launched:
+            pass
+        elif not resume:
             from .data import check_file
             from .modeling import preflight
 
@@ -138,9 +182,12 @@ class TrainingJob:
             preflight(self.cfg.model)
             check_file(self.cfg.data)
         else:
+            from .runs import check_run_dataset
+
             check_resumable(run, extend_to)
+            check_run_dataset(run, self.cfg.data.data_path)  # resuming on changed data is refused, clearly
         self.run: RunDir = run if run is not None else create_run(self.cfg)
-        if not resume:
+        if not resume and not launched:
             self.cfg = copy_dataset_into(self.run, self.cfg)
         self.listener = listener
         self.extra_callbacks = extra_callbacks or []
@@ -170,6 +217,22 @@ class TrainingJob:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def should_stop(self, world_size: int = 1) -> bool:
+        """Whether to end at this step. Every process of a multi-process run must end at the same step (one left
+        training would wait forever for the others' gradients), so the ranks agree through one all-reduce."""
+        stop = self.stop_event.is_set()
+        if world_size <= 1:
+            return stop
+        import torch
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        flag = torch.tensor([1.0 if stop else 0.0], device=PartialState().device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.stop_event.set()  # this rank now knows too (the final eval and the state depend on it)
+        return bool(flag.item())
 
     def wait(self, timeout: float | None = None) -> str:
         if self.thread is not None:
@@ -213,8 +276,13 @@ class TrainingJob:
         self._emit("status", {"state": "running", "message": phase})
 
     def run_blocking(self) -> str:
-        handler = logging.FileHandler(self.run.log_path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        if self.rank == 0:
+            handler = logging.FileHandler(self.run.log_path, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        else:  # other ranks' warnings go to the launcher's log (launch.log), never into train.log
+            handler = logging.StreamHandler()
+            handler.setLevel(logging.WARNING)
+            handler.setFormatter(logging.Formatter(f"[rank {self.rank}] %(levelname)s %(message)s"))
         pkg_log = logging.getLogger("qlora_ui")
         pkg_log.addHandler(handler)
         if pkg_log.level == logging.NOTSET or pkg_log.level > logging.INFO:
@@ -242,7 +310,6 @@ class TrainingJob:
         return self.state
 
     def _train(self) -> None:
-        import datasets
         from transformers import TrainingArguments
 
         from .data import prepare_dataset
@@ -260,7 +327,8 @@ class TrainingJob:
             log.info("resuming from %s", ckpt or "the start (no checkpoint was saved)")
         from .tboard import TensorBoardLog
 
-        self.tboard = TensorBoardLog(self.run.path, resume_step=(step + 1) if self.resume else None)
+        if self.rank == 0:
+            self.tboard = TensorBoardLog(self.run.path, resume_step=(step + 1) if self.resume else None)
 
         self._set_phase("loading model")
         from transformers import set_seed
@@ -285,11 +353,9 @@ class TrainingJob:
                         "batch_size to %d or less, or add rows.", tr.batch_size, len(prepared.train),
                         len(prepared.train), len(prepared.train))
 
-        def to_ds(rows):
-            return datasets.Dataset.from_list([{**r, "length": len(r["input_ids"])} for r in rows])
-
-        train_ds = to_ds(prepared.train)
-        eval_ds = to_ds(prepared.eval) if prepared.eval else None
+        # Memory-mapped Arrow from the preparation cache (qlora_ui/data/prepare.py), with its `length` column.
+        train_ds = prepared.train
+        eval_ds = prepared.eval if len(prepared.eval) else None
 
         import torch
 
@@ -339,6 +405,8 @@ class TrainingJob:
             disable_tqdm=True,
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            # LoRA under DDP: every adapter weight gets a gradient each step, so no search for unused ones.
+            ddp_find_unused_parameters=False,
         )
         collator = make_collator(loaded.tokenizer, tr.padding_free)
         if tr.padding_free and use_per_row_attention(loaded.model):
@@ -357,7 +425,15 @@ class TrainingJob:
             trainer.evaluate()  # eval_steps 0 = evaluate once at the end
 
         self.phase = "saving adapter"
-        self.save_adapter(loaded.model, loaded.tokenizer)
+        if args.world_size > 1:
+            # Every process takes part (FSDP gathers the sharded adapter); the Trainer writes on rank 0 only.
+            trainer.save_model(str(self.run.adapter_dir))
+            if self.rank == 0:
+                loaded.tokenizer.save_pretrained(self.run.adapter_dir)
+                # save_model also pickles the TrainingArguments; an adapter folder holds no pickles.
+                (self.run.adapter_dir / "training_args.bin").unlink(missing_ok=True)
+        else:
+            self.save_adapter(loaded.model, loaded.tokenizer)
         if self.stop_event.is_set():
             self.state = "stopped"
             msg = f"stopped at step {self.step}; adapter saved from the current weights"
@@ -370,6 +446,8 @@ class TrainingJob:
 
     def save_adapter(self, model, tokenizer) -> Path:
         out = self.run.adapter_dir
+        if self.rank != 0:
+            return out
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         return out

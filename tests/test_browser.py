@@ -6,6 +6,7 @@ Screenshots go to $QLORA_SCREENSHOTS (docs/screenshots when refreshing the READM
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -235,4 +236,37 @@ def test_lora_options_from_the_train_tab(browser, app):
     cfg = (run / "config.yaml").read_text()
     assert "lora_init: loftq" in cfg and "use_rslora: true" in cfg and "use_dora: false" in cfg
     assert "LoftQ:" in (run / "train.log").read_text()
+    page.close()
+
+
+def test_two_processes_from_the_train_tab(browser, app):
+    """Processes is a form field: the global batch is spelled out, the run is launched through accelerate,
+    followed live like any run, and Stop reaches both processes."""
+    url, tmp = app
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+    use_tiny_model(page, tmp / "models")
+    page.get_by_role("tab", name="Train").click()
+    for label in ("Batch size", "Processes"):  # sliders: their number box
+        box = page.get_by_label(f"number input for {label}")
+        box.fill("2")
+        box.press("Tab")
+    page.wait_for_selector("#global-batch:has-text('Global batch: 4')", timeout=20_000)
+    assert "× 2 processes" in page.inner_text("#global-batch")
+    page.get_by_label("Max steps").fill("2000")
+    page.get_by_label("Max steps").press("Tab")
+    before = {p.name for p in (tmp / "runs").iterdir()} if (tmp / "runs").exists() else set()
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_function("() => +document.querySelector('#train-progress [data-step]')?.dataset.step >= 3",
+                           timeout=180_000)
+    page.wait_for_function("() => document.querySelectorAll('#train-plot .scatterlayer .trace').length > 0",
+                           timeout=60_000)
+    run = next(p for p in (tmp / "runs").iterdir() if p.name not in before)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["world_size"] == 2
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_selector("#train-progress [data-state=stopped]", timeout=120_000)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "status.json").read_text())["state"] == "stopped"
     page.close()

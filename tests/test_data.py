@@ -218,7 +218,7 @@ def test_prepare_dataset_rows_and_report(tokenizer):
     cfg = DataConfig(data_path=str(DATA / "messages.jsonl"), eval_fraction=0.25, max_length=256)
     data = prepare_dataset(cfg, tokenizer, seed=1)
     assert (len(data.train), len(data.eval)) == (3, 1)
-    for row in data.train + data.eval:
+    for row in [*data.train, *data.eval]:
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["attention_mask"]) <= 256
         assert set(row["attention_mask"]) == {1}
         assert any(lab != IGNORE_INDEX for lab in row["labels"])
@@ -239,7 +239,7 @@ def test_eval_split_sizes(tokenizer, tmp_path, n, fraction, n_eval):
 def test_shuffle_is_seeded(tokenizer, tmp_path):
     cfg = DataConfig(data_path=str(write_alpaca(tmp_path / "d.jsonl", 30)), eval_fraction=0.1)
     a, b, c = (prepare_dataset(cfg, tokenizer, seed=s) for s in (7, 7, 8))
-    assert a.train == b.train and a.eval == b.eval
+    assert a.train[:] == b.train[:] and a.eval[:] == b.eval[:]
     assert [r["input_ids"] for r in a.train] != [r["input_ids"] for r in c.train]
 
 

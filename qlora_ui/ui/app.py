@@ -12,7 +12,7 @@ from .chat_tab import build_chat_tab
 from .export_panel import build_export_panel, wire_export_panel
 from .model_data_tab import DATA_KEYS, MODEL_KEYS, QUANT_KEYS, build_model_data_tab
 from .runs_tab import build_runs_tab
-from .train_tab import ADVANCED_TRAIN_KEYS, LORA_KEYS, MAIN_TRAIN_KEYS, build_train_tab
+from .train_tab import ADVANCED_TRAIN_KEYS, LORA_KEYS, MAIN_TRAIN_KEYS, build_train_tab, global_batch_text
 
 CSS = """
 .qs-trained { background: #bbf7d0; color: #14532d; border-radius: 3px; }
@@ -74,8 +74,18 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
                     form["column_map"].submit] + [
             form[k].change for k in ["data_format", "max_length", "train_on_source", "system_prompt", "base_model",
                                      "max_rows", *QUANT_KEYS]]
-        gr.on(triggers, partial(h.inspect_data, studio, keys), inputs, inspect_out, show_progress="minimal",
-              concurrency_limit=1, trigger_mode="always_last", api_name="inspect_data")
+        gr.on(triggers, partial(h.inspect_data_live, studio, keys), inputs, inspect_out, show_progress="minimal",
+              concurrency_limit=1, concurrency_id="inspect", trigger_mode="always_last", api_name="inspect_data")
+        # The upload button and the --data-root list fill the file box; its change re-inspects, like an upload.
+        md["data_upload"].upload(lambda f: f, md["data_upload"], form["data_path"], api_name=False).then(
+            partial(h.inspect_data_live, studio, keys), inputs, inspect_out, show_progress="minimal",
+            concurrency_limit=1, concurrency_id="inspect", trigger_mode="always_last", api_name=False).then(
+            h.name_from_upload, form["data_path"], form["name"], api_name=False)
+        md["data_server"].change(partial(h.use_server_file, studio), md["data_server"], form["data_path"],
+                                 api_name=False).then(
+            partial(h.inspect_data_live, studio, keys), inputs, inspect_out, show_progress="minimal",
+            concurrency_limit=1, concurrency_id="inspect", trigger_mode="always_last", api_name=False).then(
+            h.name_from_upload, form["data_path"], form["name"], api_name=False)
 
         # Memory plan, refreshed when any setting that changes memory changes.
         from .memory_panel import update_memory_panel
@@ -93,8 +103,8 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
 
         # One serialized listener (like the data inspection): the newest settings always win.
         mem_triggers = [tr["preset"].change] + [form[k].change for k in [
-            "base_model", "lora_r", "batch_size", "max_length", "optimizer", "gradient_checkpointing", "quant_type",
-            "double_quant", "load_in_4bit", "compute_dtype"]]
+            "base_model", "lora_r", "batch_size", "processes", "max_length", "optimizer", "gradient_checkpointing",
+            "quant_type", "double_quant", "load_in_4bit", "compute_dtype"]]
         gr.on(mem_triggers, refresh_memory, [tr["preset"]] + inputs, mem_out, show_progress="hidden",
               concurrency_limit=1, trigger_mode="always_last", api_name=False)
 
@@ -109,6 +119,13 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         tr["start"].click(partial(h.start_training, studio, keys), inputs, tr["progress"], api_name="start_training")
         tr["stop"].click(partial(h.stop_training, studio), None, None, api_name="stop_training")
         tr["resume_run"].change(partial(h.resume_info, studio), tr["resume_run"], tr["resume_info"], api_name=False)
+        tr["resume_run"].change(partial(h.retry_button, studio), tr["resume_run"], tr["retry_smaller"],
+                                api_name=False)
+        tr["retry_smaller"].click(partial(h.retry_smaller, studio), tr["resume_run"], tr["progress"],
+                                  api_name="retry_smaller")
+        batch_keys = ["batch_size", "grad_accum", "processes"]
+        gr.on([form[k].change for k in batch_keys], global_batch_text, [form[k] for k in batch_keys],
+              tr["global_batch"], show_progress="hidden", api_name=False)
         tr["resume"].click(partial(h.resume_training, studio), tr["resume_run"], tr["progress"],
                            api_name="resume_training")
         tr["timer"].tick(partial(h.poll_training, studio), tr["seen"],

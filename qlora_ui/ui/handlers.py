@@ -66,6 +66,39 @@ def inspect_data(studio: Studio, keys: list[str], *values) -> tuple:
     return summary, df, fig, example, quant
 
 
+QUICK_PREVIEW_BYTES = 8 * 2**20  # files bigger than this show a preview from their first rows first
+PREVIEW_SAMPLE_ROWS = 2000
+
+
+def inspect_data_live(studio: Studio, keys: list[str], progress=gr.Progress(track_tqdm=True), *values):
+    """`inspect_data` for the page: a big file shows its format, first rows and a histogram from a sample within
+    seconds, then the full counts (the reading and preparation bars show as progress; the result is cached)."""
+    from .model_data_tab import inspect_upload, quant_summary
+
+    cfg = config_from(keys, values)
+    path = Path(cfg.data.data_path or "")
+    if cfg.data.data_path and path.is_file() and path.stat().st_size > QUICK_PREVIEW_BYTES:
+        try:
+            studio.check_model(cfg.model)
+            quant = quant_summary(cfg)
+            summary, df, fig, example = inspect_upload(studio, cfg, sample=PREVIEW_SAMPLE_ROWS)
+        except user_errors():
+            pass  # the full inspection below says what is wrong, in place
+        else:
+            yield summary, df, fig, example, quant
+    yield inspect_data(studio, keys, *values)
+
+
+def use_server_file(studio: Studio, choice: str | None) -> Any:
+    """A file picked from the --data-root list goes into the file box as it is (no copy, no upload)."""
+    if not choice:
+        return gr.skip()
+    try:
+        return str(studio.check_data_file(choice))
+    except ConfigError as e:
+        raise to_gr_error(e) from None
+
+
 # ---- presets ----
 
 def apply_preset(studio: Studio, keys: list[str], name: str | None) -> list[Any]:
@@ -138,13 +171,48 @@ def resume_info(studio: Studio, run_name: str | None) -> str:
             f"Checkpoints: {', '.join(cps) or 'none'}. {then}")
 
 
-def resume_training(studio: Studio, run_name: str | None) -> str:
+def ran_out_of_memory(run) -> bool:
+    st = run.read_status()
+    return st.get("state") == "failed" and "out of memory" in (st.get("message") or "").lower()
+
+
+def retry_button(studio: Studio, run_name: str | None) -> Any:
+    """The "Retry smaller" button shows only beside a run that failed for want of memory."""
+    try:
+        show = bool(run_name) and ran_out_of_memory(studio.open(run_name))
+    except ConfigError:
+        show = False
+    return gr.update(visible=show)
+
+
+def smaller_batch(tr) -> dict[str, int]:
+    """Half the per-device batch, twice the accumulation: the same global batch in less memory."""
+    if tr.batch_size <= 1:
+        raise gr.Error("This run already trains with batch_size 1. To use less memory, turn on "
+                       "gradient_checkpointing or lower max_length in a new run.")
+    half = tr.batch_size // 2
+    return {"batch_size": half, "grad_accum": tr.grad_accum * tr.batch_size // half}
+
+
+def retry_smaller(studio: Studio, run_name: str | None) -> str:
+    if not run_name:
+        raise gr.Error("Pick the run that ran out of memory.")
+    try:
+        overrides = smaller_batch(studio.open(run_name).config().training)
+    except (ConfigError, OSError) as e:
+        raise to_gr_error(e) from None
+    return resume_training(studio, run_name, overrides)
+
+
+def resume_training(studio: Studio, run_name: str | None, overrides: dict | None = None) -> str:
     if not run_name:
         raise gr.Error("Pick a run to resume.")
     try:
-        job = studio.resume(run_name)
+        job = studio.resume(run_name, overrides)
     except user_errors() as e:
         raise to_gr_error(e) from None
+    if overrides:
+        gr.Info("Resuming with " + ", ".join(f"{k} {v}" for k, v in overrides.items()))
     ckpt = job.run.last_checkpoint()
     gr.Info(f"Resuming {job.run.name} from {ckpt.name}" if ckpt else
             f"{job.run.name} has no checkpoint: training starts over at step 1 in the same run folder.")

@@ -62,8 +62,11 @@ def segments_html(segments: list[tuple[str, bool]]) -> str:
     return legend + '<pre class="qs-example">' + "".join(parts) + "</pre>"
 
 
-def inspect_upload(studio: Studio, cfg: RunConfig) -> tuple[str, Any, Any, str]:
-    """(summary markdown, preview dataframe, histogram, example html) for the dataset in `cfg`."""
+def inspect_upload(studio: Studio, cfg: RunConfig, sample: int = 0) -> tuple[str, Any, Any, str]:
+    """(summary markdown, preview dataframe, histogram, example html) for the dataset in `cfg`; with `sample`,
+    from the file's first rows only (seconds, whatever the file's size)."""
+    import numpy as np
+
     from ..data import inspect_file, segments_for_preview
     from ..plots import length_histogram
 
@@ -74,9 +77,9 @@ def inspect_upload(studio: Studio, cfg: RunConfig) -> tuple[str, Any, Any, str]:
     tok = studio.tokenizer_for(cfg.model.base_model)
     rep = inspect_file(d.data_path, tokenizer=tok, data_format=d.data_format, column_map=d.column_map,
                        max_length=d.max_length, system_prompt=d.system_prompt, train_on_source=d.train_on_source,
-                       max_rows=d.max_rows)
-    lengths = list(getattr(rep, "token_lengths", []) or [])
-    fig = length_histogram(lengths, d.max_length, over=rep.dropped.get("too_long", 0)) if lengths else None
+                       max_rows=d.max_rows, sample=sample)
+    lengths = np.asarray(getattr(rep, "token_lengths", []))
+    fig = length_histogram(lengths, d.max_length, over=rep.dropped.get("too_long", 0)) if len(lengths) else None
     example = ""
     conv = getattr(rep, "example", None)
     if conv:
@@ -113,7 +116,17 @@ def build_model_data_tab(studio: Studio, initial: RunConfig) -> dict[str, Any]:
             c["quant_info"] = gr.Markdown(elem_id="quant-info")
         with gr.Column(scale=2):
             gr.Markdown("### Dataset")
-            c["data_path"] = gr.File(label="Dataset file", file_types=UPLOAD_TYPES, type="filepath",
+            with gr.Row():
+                # Replacing the preset's example file is one click: no need to find the small x on the file box.
+                c["data_upload"] = gr.UploadButton("Upload your own dataset", file_types=UPLOAD_TYPES,
+                                                   type="filepath", variant="primary", elem_id="dataset-upload")
+                # Big files need no upload: the operator's --data-root folders are listed here, used in place.
+                server_files = studio.data_files()
+                c["data_server"] = gr.Dropdown(choices=server_files, value=None, label="Or a file on the server",
+                                               visible=bool(studio.data_roots), elem_id="dataset-server",
+                                               info="Files in this app's --data-root folders, used where they lie.")
+            c["data_path"] = gr.File(label="Dataset file (the preset's example until you upload yours)",
+                                     file_types=UPLOAD_TYPES, type="filepath",
                                      value=initial.data.data_path or None, elem_id="dataset-file")
             with gr.Row():
                 c["data_format"] = comp("data_format")

@@ -12,10 +12,11 @@ from ..studio import Studio
 from .form import component_for
 
 LORA_KEYS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_init", "use_dora", "use_rslora"]
-MAIN_TRAIN_KEYS = ["max_steps", "epochs", "batch_size", "grad_accum", "learning_rate"]
+MAIN_TRAIN_KEYS = ["max_steps", "epochs", "batch_size", "grad_accum", "learning_rate", "processes"]
 ADVANCED_TRAIN_KEYS = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm",
                        "gradient_checkpointing", "group_by_length", "seed", "logging_steps", "eval_steps",
-                       "save_steps", "save_total_limit", "padding_free", "labelled_head", "mixed_precision"]
+                       "save_steps", "save_total_limit", "padding_free", "labelled_head", "mixed_precision",
+                       "accelerate_config"]
 
 POLL_EVERY_S = 3.0  # the Train tab's progress/log/chart refresh (see the timer below for why not faster)
 
@@ -42,6 +43,28 @@ def progress_html(state: str, step: int, total: int, elapsed: float | None, eta:
             f'<div class="qs-bar"><div style="width:{pct:.1f}%;background:{colour}"></div></div>{msg}</div>')
 
 
+def global_batch_text(batch_size, grad_accum, processes) -> str:
+    """What one optimizer step sees, under the batch settings (processes > 1 multiplies it)."""
+    try:
+        b, a, n = (max(1, int(v)) for v in (batch_size, grad_accum, processes))
+    except (TypeError, ValueError):
+        return ""
+    how = f" × {n} processes (data parallel, through accelerate)" if n > 1 else ""
+    return f"Global batch: **{b * a * n}** examples per optimizer step = batch size {b} × grad accum {a}{how}."
+
+
+def accelerate_dropdown(initial: RunConfig) -> gr.Dropdown:
+    """The shipped recipes by name only: a request must not point accelerate at a file of its choosing."""
+    from ..accelerate_configs import list_accelerate_configs
+    from .form import label_for
+
+    value = initial.training.accelerate_config
+    names = list_accelerate_configs()
+    return gr.Dropdown(choices=[("plain data parallel (DDP)", "")] + [(n, n) for n in names],
+                       value=value if value in names else "", label=label_for("accelerate_config"),
+                       info="Recipe for Processes > 1 (presets/accelerate/; docs/scaling.md).")
+
+
 def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> dict[str, Any]:
     c: dict[str, Any] = {}
 
@@ -64,6 +87,10 @@ def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> d
         c["resume_run"] = gr.Dropdown(label="Run to resume", choices=[], scale=2, elem_id="resume-run",
                                       info="Stopped, interrupted or failed runs; finished runs are complete.")
         c["resume"] = gr.Button("Resume", elem_id="resume-btn", min_width=80)
+        # Shown beside a run that ran out of memory: resume it from its checkpoint at half the per-device batch
+        # and twice the accumulation, so the global batch (and the curve) stays the same.
+        c["retry_smaller"] = gr.Button("Retry smaller from the last checkpoint", elem_id="retry-smaller-btn",
+                                       visible=False, min_width=120)
     c["resume_info"] = gr.Markdown()
     c["progress"] = gr.HTML(progress_html("idle", 0, 0, None, None, "no run yet"), elem_id="train-progress")
     c["plot"] = gr.Plot(label="Training curves", elem_id="train-plot")
@@ -86,11 +113,15 @@ def build_train_tab(studio: Studio, initial: RunConfig, preset: str | None) -> d
             with gr.Row():
                 for k in MAIN_TRAIN_KEYS[3:]:
                     c[k] = comp(k)
+            c["global_batch"] = gr.Markdown(global_batch_text(initial.training.batch_size,
+                                                              initial.training.grad_accum,
+                                                              initial.training.processes),
+                                            elem_id="global-batch")
             with gr.Accordion("Advanced", open=False):
                 for i in range(0, len(ADVANCED_TRAIN_KEYS), 3):
                     with gr.Row():
                         for k in ADVANCED_TRAIN_KEYS[i:i + 3]:
-                            c[k] = comp(k)
+                            c[k] = comp(k) if k != "accelerate_config" else accelerate_dropdown(initial)
         with gr.Column(scale=2):
             gr.Markdown("### Will it fit?")
             from .memory_panel import build_memory_panel
