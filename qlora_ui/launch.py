@@ -120,6 +120,15 @@ class LaunchedJob(TrainingJob):
         self.proc: subprocess.Popen | None = None
         self.returncode: int | None = None
         self._stop_written = False
+        self.attached = False
+
+    @classmethod
+    def attach(cls, run: RunDir) -> LaunchedJob:
+        """Follow a multi-process run that another process launched (an app restarted while its run went on):
+        the same live view and the same Stop, through the run folder alone."""
+        job = cls(run=run, launched=True)
+        job.attached = True
+        return job
 
     @property
     def stop_path(self) -> Path:
@@ -140,6 +149,8 @@ class LaunchedJob(TrainingJob):
             self.proc is not None and self.proc.poll() is None)
 
     def run_blocking(self) -> str:
+        if self.attached:
+            return self._follow_attached()
         tr = self.cfg.training
         self.stop_path.unlink(missing_ok=True)
         cmd = launch_command(self.run.path, tr.processes, tr.accelerate_config, self.resume)
@@ -172,6 +183,22 @@ class LaunchedJob(TrainingJob):
                     self.kill()
         self.returncode = self.proc.returncode
         self._finish()
+        return self.state
+
+    def _follow_attached(self) -> str:
+        self.state = "running"
+        last: dict[str, Any] = {}
+        while self.run.read_status()["state"] == "running":  # rank 0 alive and not done
+            if self.stop_event.is_set():
+                self._request_stop()
+            last = self._follow(last)
+            time.sleep(POLL_S)
+        self._follow(last)
+        st = self.run.read_status()
+        self.stop_path.unlink(missing_ok=True)
+        self.state = st["state"] if st["state"] in ("finished", "stopped") else "failed"
+        self.error_message = st.get("message", "") if self.state == "failed" else ""
+        self._emit("status", {"state": self.state, "message": st.get("message", "")})
         return self.state
 
     def kill(self) -> None:

@@ -52,6 +52,20 @@ class Studio:
         self.chat.server.max_waiting, self.chat.server.max_batch = chat_max_waiting, chat_max_batch
         self.gguf_chat = LlamaCppEngine()  # the llama.cpp backend: chat from a run's exported GGUF
         self._tokenizers: dict[str, object] = {}
+        self._reattach()
+
+    def _reattach(self) -> None:
+        """A multi-process run outlives the app that launched it (its processes have their own session): an app
+        started on the same runs folder follows it again, with Stop, instead of showing it as someone else's."""
+        for run in self.runs():
+            st = run.read_status()
+            if st.get("state") == "running" and (st.get("world_size") or 1) > 1:
+                try:
+                    self.job = LaunchedJob.attach(run).start()
+                    log.info("following %s, still training in %d processes", run.name, st["world_size"])
+                except (ConfigError, OSError) as e:
+                    log.warning("could not follow %s: %s", run.name, e)
+                return
 
     # ---- training ----
     def busy(self) -> bool:

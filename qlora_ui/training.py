@@ -33,7 +33,8 @@ def failure_hint(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".lower()
     if "out of memory" in text or isinstance(exc, MemoryError):
         return ("Out of memory: lower batch_size (raise grad_accum to keep the effective batch), turn on "
-                "gradient_checkpointing, shorten max_length, or use paged_adamw_8bit.")
+                "gradient_checkpointing, shorten max_length, or use paged_adamw_8bit. To go on from the last "
+                "checkpoint: Retry smaller in the Train tab, or train --resume RUN --batch-size B --grad-accum A.")
     if isinstance(exc, TrainingDiverged) or "nan" in text:
         return "The loss became NaN/inf: lower the learning_rate (e.g. 1e-4), keep max_grad_norm at 0.3, use bf16."
     if isinstance(exc, (ConfigError, ValueError)):

@@ -249,3 +249,23 @@ def test_a_request_cannot_name_an_accelerate_file_of_its_own(tiny_model_dir, dat
     with pytest.raises(gr.Error, match="pick one of"):
         h.start_training(studio, FORM_KEYS, *form(cfg))
     assert not studio.busy() and not run_dirs(tmp_path / "runs")
+
+
+def test_an_app_started_later_follows_and_stops_a_running_multi_process_run(tiny_model_dir, data, tmp_path):
+    runs = tmp_path / "runs"
+    proc = start("--base-model", tiny_model_dir, "--data", data, "--runs-dir", runs, "--processes", 2,
+                 "--batch-size", 2, "--max-steps", 2000, "--save-steps", 1000, *COMMON)
+    try:
+        run = wait_for(lambda: run_dirs(runs) and run_dirs(runs)[0], 60, "the run folder")
+        wait_for(lambda: len(loss_rows(run)) >= 2, 120, "2 steps")
+        studio = Studio(runs, model_roots=[tiny_model_dir])  # e.g. the app restarted on the same folder
+        assert studio.busy() and studio.job.run.path == run
+        wait_for(lambda: len(studio.job.metrics) >= 2, 30, "the attached job to read the curve")
+        assert 'data-state="running"' in h.poll_training(studio, None)[0]
+        h.stop_training(studio)  # Stop works for a run this app did not launch
+        assert studio.job.wait(120) == "stopped", studio.job.error_message
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert RunDir(run).read_status()["state"] == "stopped" and RunDir(run).has_adapter()
