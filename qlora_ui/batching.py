@@ -115,6 +115,29 @@ def labelled_loss(model, inputs: dict, num_items_in_batch=None, autocast_dtype=N
     return total / denom
 
 
+def kept_logits_loss(model, inputs: dict, num_items_in_batch=None, autocast_dtype=None):
+    """`labelled_loss` through the model's own forward (for a DDP/FSDP-wrapped model): `logits_to_keep` with the
+    positions whose next token is labelled, so the output layer runs on those only."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    shift = labels[:, 1:]
+    keep = (shift != -100).any(0).nonzero().squeeze(1)  # positions any row trains on (one set for the batch)
+    fwd = {k: v for k, v in inputs.items() if k != "labels"}
+    ctx = (torch.autocast(labels.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits
+    y = shift[:, keep]
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else (y != -100).sum()
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(total.device)
+    return total / denom
+
+
 def trainer_class(labelled_head: bool, autocast_dtype=None):
     """The HF Trainer, with compute_loss on labelled positions only when asked (and possible for the model)."""
     from transformers import Trainer
@@ -124,9 +147,18 @@ def trainer_class(labelled_head: bool, autocast_dtype=None):
 
     class LabelledHeadTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if "labels" not in inputs or head_parts(model) is None:
+            if "labels" in inputs and head_parts(model) is not None:
+                loss = labelled_loss(model, inputs, num_items_in_batch, autocast_dtype)
+            elif "labels" in inputs and head_parts(getattr(model, "module", None)) is not None:
+                # Wrapped for DDP/FSDP: the forward must go through the wrapper (it syncs the gradients), so
+                # the model's own forward runs, asked for the logits of the labelled positions only.
+                loss = kept_logits_loss(model, inputs, num_items_in_batch, autocast_dtype)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    # num_items_in_batch counts every process's tokens and DDP averages the gradients: scale
+                    # back, as the Trainer's own compute_loss does.
+                    loss = loss * self.accelerator.num_processes
+            else:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = labelled_loss(model, inputs, num_items_in_batch, autocast_dtype)
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return LabelledHeadTrainer
