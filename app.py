@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "QLORA_MAX_DATA_SIZE). Its prepared copy must also fit the free disk.")
     p.add_argument("--data-root", action="append", default=[], metavar="DIR",
                    help="Folder whose dataset files the Model & Data tab lists, used where they lie: big files need "
-                        "no upload (repeatable). Users can pick any file in it.")
+                        "no upload (repeatable). Anyone who can use the app can pick, and download, any file in it.")
     p.add_argument("--preset", default="cpu-quickstart", help="Preset the form opens with.")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="Let requests turn on trust_remote_code / allow_pickle (a model's own Python, pickle "

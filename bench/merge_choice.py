@@ -28,8 +28,9 @@ def held_out(run, tok, n: int):
 
     cfg = run.config()
     prepared = prepare_dataset(cfg.data, tok, seed=cfg.training.seed)
-    rows = prepared.eval or prepared.train
-    return rows[:n], "eval split" if prepared.eval else "train rows (the run had no eval split)"
+    rows = prepared.eval if len(prepared.eval) else prepared.train
+    rows = [rows[i] for i in range(min(n, len(rows)))]  # a datasets.Dataset: rows[:n] would be columns
+    return rows, "eval split" if len(prepared.eval) else "train rows (the run had no eval split)"
 
 
 def logits_of(model, rows):

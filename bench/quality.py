@@ -451,7 +451,7 @@ def heldout_conversations(cfg: RunConfig, tokenizer) -> tuple[list[list[dict]], 
         user = next(m["content"] for m in conv if m["role"] == "user")
         if user.strip() not in tokenizer.decode(row["input_ids"]):
             raise RuntimeError("could not match the eval rows to their conversations; data.py's split changed")
-    return convs, prepared.eval
+    return convs, list(prepared.eval)  # rows as dicts (a Dataset slice would be columns)
 
 
 def compare_answers(cfg: RunConfig, adapter_dir: str, convs: list[list[dict]], n_prompts: int,

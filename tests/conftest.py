@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Prepared datasets (qlora_ui/data/stages.py) go to a cache of this test session's own, not the user's.
+if "QLORA_DATA_CACHE" not in os.environ:
+    os.environ["QLORA_DATA_CACHE"] = tempfile.mkdtemp(prefix="qlora-test-data-cache-")
+    atexit.register(shutil.rmtree, os.environ["QLORA_DATA_CACHE"], True)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TESTS = Path(__file__).resolve().parent

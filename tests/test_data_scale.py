@@ -18,10 +18,10 @@ from qlora_ui.data import (
     inspect_file,
     prepare_dataset,
     read_records,
+    stages,
     to_conversations,
     token_spans,
 )
-from qlora_ui.data import prepare as prep
 
 DATA = Path(__file__).resolve().parent / "data"
 FORMAT_FILES = ["alpaca.json", "dolly.jsonl", "sharegpt.json", "messages.jsonl", "prompt_completion.csv",
@@ -40,13 +40,13 @@ def cache(tmp_path, monkeypatch) -> Path:
 def encoder_calls(monkeypatch) -> list[int]:
     """How many map batches were encoded (in-process: small files use no worker processes)."""
     calls: list[int] = []
-    real = prep.RowEncoder.__call__
+    real = stages.RowEncoder.__call__
 
     def counting(self, batch):
         calls.append(len(batch["_rec"]))
         return real(self, batch)
 
-    monkeypatch.setattr(prep.RowEncoder, "__call__", counting)
+    monkeypatch.setattr(stages.RowEncoder, "__call__", counting)
     return calls
 
 
@@ -59,7 +59,7 @@ def write_alpaca(path: Path, n: int, broken: dict[int, str] | None = None) -> Pa
     return path
 
 
-def stages(cache: Path, kind: str) -> set[str]:
+def stage_dirs(cache: Path, kind: str) -> set[str]:
     return {p.name for p in cache.glob(f"{kind}-*")}
 
 
@@ -68,7 +68,7 @@ def stages(cache: Path, kind: str) -> set[str]:
 def test_second_prepare_is_a_cache_hit(tokenizer, tmp_path, cache, encoder_calls):
     cfg = DataConfig(data_path=str(write_alpaca(tmp_path / "d.jsonl", 40)), eval_fraction=0.1)
     a = prepare_dataset(cfg, tokenizer, seed=3)
-    assert encoder_calls and len(stages(cache, "raw")) == 1 and len(stages(cache, "tok")) == 1
+    assert encoder_calls and len(stage_dirs(cache, "raw")) == 1 and len(stage_dirs(cache, "tok")) == 1
     encoder_calls.clear()
     b = prepare_dataset(cfg, tokenizer, seed=3)
     assert encoder_calls == []  # nothing re-encoded
@@ -81,14 +81,14 @@ def test_second_prepare_is_a_cache_hit(tokenizer, tmp_path, cache, encoder_calls
 
 @pytest.mark.parametrize("change", ["max_length", "system_prompt", "train_on_source", "column_map", "data_format",
                                     "chat_template", "one_byte"])
-def test_any_change_that_matters_prepares_again(tokenizer, tmp_path, cache, encoder_calls, change):
+def test_a_change_that_matters_prepares_again(tokenizer, tmp_path, cache, encoder_calls, change):
     path = write_alpaca(tmp_path / "d.jsonl", 12)
     cfg = DataConfig(data_path=str(path), eval_fraction=0.0)
     tok = tokenizer
     first = prepare_dataset(cfg, tok, seed=0)
     encoder_calls.clear()
     if change == "max_length":
-        cfg.max_length = 256
+        cfg.max_length = int(first.report.token_lengths.min())  # the longer rows now go
     elif change == "system_prompt":
         cfg.system_prompt = "Be brief."
     elif change == "train_on_source":
@@ -107,9 +107,15 @@ def test_any_change_that_matters_prepares_again(tokenizer, tmp_path, cache, enco
     if change == "data_format":
         assert not encoder_calls and again.train[:] == first.train[:]
         return
+    if change == "max_length":
+        # Applied to the cached lengths: a new result without tokenizing again.
+        assert not encoder_calls and 0 < again.report.dropped["too_long"] < 12
+        assert len(again.train) == 12 - again.report.dropped["too_long"]
+        assert "tokens > max_length" in again.report.summary()
+        return
     assert encoder_calls, f"{change}: served from the cache"
-    assert len(stages(cache, "tok")) == 2
-    assert len(stages(cache, "raw")) == (2 if change == "one_byte" else 1)
+    assert len(stage_dirs(cache, "tok")) == 2
+    assert len(stage_dirs(cache, "raw")) == (2 if change == "one_byte" else 1)
     if change in ("system_prompt", "train_on_source", "chat_template", "one_byte"):
         assert again.train[:] != first.train[:]
 
@@ -129,7 +135,7 @@ def test_concurrent_builders_share_one_build(tokenizer, tmp_path, cache, encoder
         t.join()
     assert out[0] == out[1] == out[2]
     assert sum(encoder_calls) == 30  # each row encoded once
-    assert len(stages(cache, "tok")) == 1 and not list(cache.glob(".tmp-*"))
+    assert len(stage_dirs(cache, "tok")) == 1 and not list(cache.glob(".tmp-*"))
 
 
 # ---- broken lines in a big file ----
@@ -229,3 +235,49 @@ def test_resume_refuses_a_changed_dataset(tmp_path, monkeypatch, copied):
     used.unlink()
     with pytest.raises(ConfigError, match="no longer exists"):
         TrainingJob(run=run, resume=True)
+
+
+# ---- in the browser ----
+
+@pytest.mark.slow
+def test_browser_upload_button_and_a_big_server_file(tmp_path):
+    """Upload your own file with the button; pick a 9 MB file from --data-root: a preview from its first rows comes
+    within seconds, then the full counts."""
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, start_app
+
+    root = tmp_path / "datasets"
+    root.mkdir()
+    filler = "several careful words about the garden, the kitchen and the library " * 3
+    with open(root / "big.jsonl", "w", encoding="utf-8") as f:
+        for i in range(21_000):
+            f.write(json.dumps({"instruction": f"Question {i}: {filler}?", "output": f"Answer {i}: {filler}."}) + "\n")
+    assert (root / "big.jsonl").stat().st_size > 8 * 2**20  # over the quick-preview threshold
+    proc, url = start_app(tmp_path, None, "--data-root", str(root))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+            with page.expect_file_chooser() as chooser:
+                page.locator("#dataset-upload").click()
+            chooser.value.set_files(str(DATA / "alpaca.json"))
+            page.wait_for_selector("#data-summary:has-text('Format: alpaca')", timeout=60_000)
+            assert "6 kept" in page.locator("#data-summary").inner_text()
+            box = page.locator("#dataset-server input")
+            box.click()
+            t = time.perf_counter()
+            page.get_by_role("option", name="datasets/big.jsonl").click()
+            page.wait_for_selector("#data-summary:has-text('first rows only')", timeout=30_000)
+            first = time.perf_counter() - t
+            assert page.locator("#length-hist .main-svg").count() > 0
+            page.wait_for_selector("#data-summary:has-text('21000 read')", timeout=300_000)
+            assert first < 20, f"the first preview took {first:.1f} s"
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(20)

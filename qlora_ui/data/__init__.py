@@ -2,9 +2,9 @@
 
 Pipeline (`prepare_dataset`): read the file into Arrow (reading.py) -> rename columns and detect the format
 (formats.py) -> turn every row into a conversation, render it with the chat template and label the
-assistant turns (render.py), in `Dataset.map` and cached by fingerprint (prepare.py) -> drop rows that are
-too long or train nothing -> shuffle -> train/eval split. report.py is what users see about a file;
-check_cli.py is `python -m qlora_ui check-data`.
+assistant turns (render.py), in `Dataset.map` and cached by fingerprint (stages.py) -> drop rows that are
+too long or train nothing -> shuffle -> train/eval split (prepare.py). report.py is what users see about a
+file; check_cli.py is `python -m qlora_ui check-data`.
 
 Every problem with a user's file surfaces as a `DataError` whose message is one paragraph naming the
 problem and the fix. Rows that cannot be used are dropped and counted by reason in a `DataReport`.
@@ -37,7 +37,7 @@ from .formats import (
     normalize_columns,
     to_conversations,
 )
-from .prepare import PreparedData, check_file, inspect_file, load_rows, prepare_dataset, tokenizer_fingerprint
+from .prepare import PreparedData, check_file, inspect_file, prepare_dataset
 from .reading import ReadResult, file_digest, read_records, read_table
 from .render import (
     FALLBACK_CHAT_TEMPLATE,
@@ -52,10 +52,11 @@ from .render import (
     token_spans,
 )
 from .report import DataReport
+from .stages import load_rows, tokenizer_fingerprint
 
 MAX_FILE_BYTES = DEFAULT_MAX_DATA_BYTES  # the old name of the dataset size cap
 
-__all__ = [
+__all__ = (
     "DEFAULT_MAX_DATA_BYTES", "EXTENSIONS", "FALLBACK_CHAT_TEMPLATE", "FORMAT_COLUMNS", "IGNORE_INDEX",
     "MAX_DROPPED_EXAMPLES", "MAX_FILE_BYTES", "MAX_RECORDS", "PREVIEW_ROWS", "SUPPORTED", "ColumnPlan",
     "DataError", "DataReport", "DroppedRow", "Encoded", "PreparedData", "ReadResult", "add_check_data_parser",
@@ -64,4 +65,4 @@ __all__ = [
     "is_raw", "load_rows", "max_data_bytes", "normalize_columns", "parse_size", "prepare_dataset", "read_records",
     "read_table", "render_chat", "render_text", "segments_for_preview", "template_overhead", "to_conversations",
     "token_spans", "tokenizer_fingerprint",
-]
+)

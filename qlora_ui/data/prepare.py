@@ -1,31 +1,17 @@
-"""The whole pipeline, cached: file -> Arrow rows -> conversations -> tokens with labels -> shuffled split.
+"""The whole pipeline: file -> Arrow rows -> conversations -> tokens with labels (stages.py, cached) -> the report's
+numbers from Arrow columns -> shuffled train/eval split.
 
-Two cached stages under ~/.cache/qlora-studio/data (QLORA_STUDIO_CACHE), each a folder named by a fingerprint:
-
-- `raw-<key>`: the file's rows as Arrow (reading.py), keyed by the sha256 of the file's bytes, its name and
-  max_rows. Reading is one streaming pass; a million-row JSONL is never a list of dicts.
-- `tok-<key>`: per row, input_ids / labels / attention_mask / length, or why it was dropped; keyed by the raw
-  key and every setting that changes the result (format, column map, system prompt, max_length,
-  train_on_source, the tokenizer and its chat template). Built with `Dataset.map` (batched, one process per
-  core), so a second start, a resume, or another rank of a multi-process run loads it in a second.
-
-A stage is built in a temporary folder and renamed into place (an interrupted build never looks complete),
-under a file lock, so the ranks of a multi-process run wait for one build instead of each doing it.
-The shuffle and split are not cached: a seeded permutation of the kept rows, `Dataset.select` (no copy).
+The shuffle and split are not cached: the same seeded permutation as ever over the kept rows, applied with
+`Dataset.select` (no copy). max_length is applied here, to the stored lengths.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,285 +19,15 @@ from typing import Any
 import numpy as np
 
 from ..config import DataConfig
-from .common import (
-    IGNORE_INDEX,
-    MAX_DROPPED_EXAMPLES,
-    PREVIEW_ROWS,
-    SUPPORTED,
-    DataError,
-    Drop,
-    DroppedRow,
-    data_cache_dir,
-)
-from .formats import ColumnPlan, conversation_of, resolve_format
-from .reading import ArrowSink, ListSink, Sink, file_digest, file_kind, read_into
-from .render import encode_many, segments_for_preview, template_overhead
+from .common import MAX_DROPPED_EXAMPLES, PREVIEW_ROWS, SUPPORTED, DataError, Drop, DroppedRow
+from .formats import ColumnPlan, resolve_format
+from .render import segments_for_preview, template_overhead
 from .report import DataReport, nothing_left
+from .stages import BATCH, RawRows, RowEncoder, Settings, load_rows, load_tokens, sample_rows
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "2"  # part of every cache key: bump when reading or encoding changes what a stage holds
-BATCH = 1000  # rows per map batch
-PARALLEL_FROM = 20_000  # rows from which the map uses one process per core (below, start-up costs more)
-KEEP_STAGES = 24  # cached stages kept; the oldest are removed beyond that
 _CONVERSION_DROPS = ("empty", "malformed")
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps([PIPELINE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _num_proc(rows: int) -> int | None:
-    env = os.environ.get("QLORA_DATA_PROC")
-    n = int(env) if env else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return n if (n or 1) > 1 and rows >= PARALLEL_FROM else None
-
-
-def _need_disk(folder: Path, need: int, what: str) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise DataError(f"Not enough free disk for {what}: it needs about {need / 2**30:.1f} GB in {folder}, which "
-                        f"has {free / 2**30:.1f} GB free. Free some space, or point QLORA_STUDIO_CACHE at a larger "
-                        "disk.")
-
-
-def _lock(key: str):
-    from filelock import FileLock
-
-    locks = data_cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(locks / f"{key}.lock"))
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a finished stage into place; if another process got there first, keep theirs."""
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _prune(final.parent)
-
-
-def _prune(root: Path) -> None:
-    stages = sorted((p for p in root.iterdir() if p.is_dir() and p.name[:4] in ("raw-", "tok-")),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in stages[KEEP_STAGES:]:
-        shutil.rmtree(old, ignore_errors=True)  # open memory maps of it stay valid until closed
-    for tmp in root.glob(".tmp-*"):  # builds that died midway, an hour ago or more
-        if time.time() - tmp.stat().st_mtime > 3600:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _touch(folder: Path) -> None:
-    try:
-        os.utime(folder)  # recently used stages are the last to be pruned
-    except OSError:
-        pass
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stage 1: the file's rows in Arrow
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class RawRows:
-    """The rows of one file (as JSON text with their origin), plus what reading found."""
-
-    folder: Path
-    meta: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        return self.meta["key"]
-
-    def dataset(self):
-        from datasets import Dataset
-
-        return Dataset.from_file(str(self.folder / "rows.arrow"))
-
-    @property
-    def columns(self) -> list[str]:
-        return self.meta["columns"]
-
-    @property
-    def sample(self) -> list[dict]:
-        return self.meta["sample"]
-
-    def dropped_examples(self) -> list[DroppedRow]:
-        return [DroppedRow(*d) for d in self.meta["dropped_examples"]]
-
-
-def _meta_of(sink: Sink, key: str, digest: str) -> dict[str, Any]:
-    return {"key": key, "sha256": digest, "name": sink.name, "kind": sink.kind, "rows": sink.n,
-            "rows_seen": sink.rows_seen, "dropped": dict(sink.dropped),
-            "dropped_examples": [list(d) for d in sink.dropped_examples], "warnings": sink.warnings,
-            "columns": list(sink.columns), "sample": sink.sample, "broken": sink.broken}
-
-
-def load_rows(path: str | Path, max_rows: int = 0, *, max_bytes: int | None = None,
-              on_progress: Callable[[float], None] | None = None) -> RawRows:
-    """The file's rows from the cache, or read into it (one streaming pass, then renamed into place)."""
-    p, kind, size = file_kind(path, max_bytes=max_bytes)
-    digest = file_digest(p)
-    key = _key("raw", digest, p.name, kind, int(max_rows or 0))
-    root = data_cache_dir()
-    final = root / f"raw-{key}"
-    if not (final / "meta.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _lock(key):
-            if not (final / "meta.json").is_file():
-                # Rows are stored as their JSON text: about the file's size again.
-                _need_disk(root, int(size * 1.3) + 64 * 2**20, f"the prepared copy of {p.name}")
-                tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir(parents=True)
-                try:
-                    sink = read_into(p, lambda name, kind: ArrowSink(tmp / "rows.arrow", name, kind, max_rows),
-                                     max_bytes=max_bytes)
-                    (tmp / "meta.json").write_text(json.dumps(_meta_of(sink, key, digest), default=str))
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                _publish(tmp, final)
-    _touch(final)
-    return RawRows(final, json.loads((final / "meta.json").read_text()))
-
-
-def sample_rows(path: str | Path, rows: int, *, max_bytes: int | None = None) -> RawRows:
-    """The first `rows` rows, in memory and uncached: what the upload preview shows within seconds."""
-    sink = read_into(path, lambda name, kind: _SampleSink(name, kind, rows), max_bytes=max_bytes)
-    meta = _meta_of(sink, "", "")
-    return RawRows(Path(), {**meta, "records": sink.records, "where": sink.where})
-
-
-class _SampleSink(ListSink):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stage 2: conversations and tokens
-# ---------------------------------------------------------------------------------------------------
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """What in a tokenizer changes the tokens: its vocabulary and rules, special tokens and chat template."""
-    if tokenizer is None:
-        return "none"
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    bt = getattr(tokenizer, "backend_tokenizer", None)
-    if bt is not None:
-        h.update(bt.to_str().encode())
-    else:
-        from datasets.fingerprint import Hasher
-
-        h.update(Hasher.hash(tokenizer).encode())
-    for part in (getattr(tokenizer, "chat_template", None), tokenizer.eos_token, tokenizer.bos_token,
-                 sorted(getattr(tokenizer, "all_special_tokens", []) or [])):
-        h.update(json.dumps(part, default=str).encode())
-    return h.hexdigest()
-
-
-@dataclass
-class Settings:
-    """Everything besides the file that decides what a row becomes."""
-
-    fmt: str
-    plan: ColumnPlan
-    system_prompt: str = ""
-    max_length: int | None = None
-    train_on_source: bool = False
-
-    def conversation(self, rec_json: str) -> list[dict]:
-        return conversation_of(self.plan(json.loads(rec_json)), self.fmt, self.system_prompt)
-
-
-class RowEncoder:
-    """The `Dataset.map` function: a batch of JSON rows -> an Arrow table of tokens or drop reasons.
-
-    A class, not a closure, so that the map's worker processes receive it (tokenizer included) pickled."""
-
-    def __init__(self, settings: Settings, tokenizer):
-        self.s, self.tokenizer = settings, tokenizer
-
-    def __call__(self, batch: dict[str, list]) -> Any:
-        import pyarrow as pa
-
-        recs = batch["_rec"]
-        n = len(recs)
-        reason: list[str | None] = [None] * n
-        detail: list[str | None] = [None] * n
-        convs, at = [], []
-        for k, rec in enumerate(recs):
-            try:
-                convs.append(self.s.conversation(rec))
-                at.append(k)
-            except Drop as d:
-                reason[k], detail[k] = d.reason, d.detail
-        if self.tokenizer is None:
-            return pa.table({"_drop": pa.array(reason, pa.string()), "_detail": pa.array(detail, pa.string())})
-        empty = np.zeros(0, np.int32)
-        ids_of, labels_of = [empty] * n, [empty] * n
-        length, trained = np.zeros(n, np.int32), np.zeros(n, np.int32)
-        max_length = self.s.max_length
-        for k, res in zip(at, encode_many(convs, self.tokenizer, self.s.train_on_source)):
-            if isinstance(res, Drop):
-                reason[k], detail[k] = res.reason, res.detail
-                continue
-            if isinstance(res, BaseException):  # the model's template refused this row (e.g. roles must alternate)
-                reason[k], detail[k] = "template_error", f"{type(res).__name__}: {str(res)[:150]}"
-                continue
-            ids, labels = res
-            length[k] = len(ids)
-            if max_length is not None and len(ids) > max_length:
-                reason[k], detail[k] = "too_long", f"{len(ids)} tokens > max_length {max_length}"
-                continue
-            t = int(np.count_nonzero(labels != IGNORE_INDEX))
-            if t == 0:
-                reason[k], detail[k] = "no_trained_tokens", "no token is trained"
-                continue
-            ids_of[k], labels_of[k], trained[k] = ids, labels, t
-        offsets = pa.array(np.concatenate([[0], np.cumsum([len(x) for x in ids_of])]).astype(np.int32))
-        flat_ids = np.concatenate(ids_of)
-        return pa.table({
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids, pa.int32())),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(labels_of), pa.int32())),
-            "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(np.ones(len(flat_ids), np.int8))),
-            "length": pa.array(length), "trained": pa.array(trained),
-            "_drop": pa.array(reason, pa.string()), "_detail": pa.array(detail, pa.string())})
-
-
-def load_tokens(raw: RawRows, settings: Settings, tokenizer):
-    """Stage 2 for these rows and settings: from the cache, or built with `Dataset.map` and renamed into place."""
-    from datasets import Dataset, concatenate_datasets
-
-    key = _key("tok", raw.key, settings.fmt, settings.plan.column_map, settings.system_prompt,
-               settings.max_length if tokenizer is not None else None, settings.train_on_source,
-               tokenizer_fingerprint(tokenizer))
-    root = data_cache_dir()
-    final = root / f"tok-{key}"
-    if not (final / "meta.json").is_file():
-        with _lock(key):
-            if not (final / "meta.json").is_file():
-                rows = raw.dataset()
-                arrow_bytes = (raw.folder / "rows.arrow").stat().st_size
-                _need_disk(root, 2 * arrow_bytes + 64 * 2**20, "the tokenized dataset")
-                tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir(parents=True)
-                try:
-                    out = rows.map(RowEncoder(settings, tokenizer), batched=True, batch_size=BATCH,
-                                   input_columns=None, remove_columns=rows.column_names,
-                                   num_proc=_num_proc(len(rows)), cache_file_name=str(tmp / "rows.arrow"),
-                                   new_fingerprint=key, desc="Preparing dataset")
-                    files = [Path(f["filename"]).name for f in out.cache_files]
-                    del out
-                    (tmp / "meta.json").write_text(json.dumps({"key": key, "files": files}))
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                _publish(tmp, final)
-    _touch(final)
-    files = json.loads((final / "meta.json").read_text())["files"]
-    parts = [Dataset.from_file(str(final / f)) for f in files]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-
 
 # ---------------------------------------------------------------------------------------------------
 # The report, the split, and the public entry points
@@ -323,6 +39,36 @@ class PreparedData:
     eval: Any
     report: DataReport
     conversations: Sequence[list[dict]]  # kept rows, file order, for previews (built on access)
+
+
+def _rows_dataset():
+    """The `Rows` class, made on first use (importing datasets takes a second that `--help` should not pay), and
+    registered as this module's `Rows` so that it pickles like any class."""
+    if "Rows" in globals():
+        return globals()["Rows"]
+    from datasets import Dataset
+
+    class Rows(Dataset):
+        """A `Dataset` whose scalar columns come back as lists. `ds["length"]` is otherwise a lazy `Column` that
+        reads one row per index, and the Trainer's length-grouped sampler indexes it a million times (measured:
+        226 us each, 20 s of a 100,000-row start)."""
+
+        def __getitem__(self, key):
+            if isinstance(key, str) and key in self.column_names and not hasattr(self.features[key], "feature"):
+                values = self.data.column(key).to_numpy()
+                if self._indices is not None:
+                    values = values[self._indices.column(0).to_numpy()]
+                return values.tolist()
+            return super().__getitem__(key)
+
+    Rows.__qualname__ = "Rows"
+    globals()["Rows"] = Rows
+    return Rows
+
+
+def _as_rows(ds):
+    return _rows_dataset()(ds.data, info=ds.info, split=ds.split, indices_table=ds._indices,
+                           fingerprint=ds._fingerprint)
 
 
 class Conversations(Sequence):
@@ -370,17 +116,19 @@ def _column(ds, name: str) -> np.ndarray:
     return ds.data.column(name).to_numpy()
 
 
-def _summarize(rows, toks, report: DataReport, with_tokens: bool) -> np.ndarray:
-    """Fill the report from the stage-2 columns; the kept row indices (file order)."""
-    import pyarrow.compute as pc
-
-    drop = toks.data.column("_drop")
-    kept = np.flatnonzero(pc.is_null(drop).to_numpy(zero_copy_only=False))
-    reasons = np.asarray(drop.fill_null("").to_numpy(zero_copy_only=False), dtype=object)
+def _summarize(rows, toks, report: DataReport, with_tokens: bool, max_length: int | None = None) -> np.ndarray:
+    """Fill the report from the stage-2 columns (max_length applied here); the kept row indices (file order)."""
+    reasons = np.asarray(toks.data.column("_drop").fill_null("").to_numpy(zero_copy_only=False), dtype=object)
+    length = _column(toks, "length") if with_tokens else None
+    too_long = np.zeros(len(reasons), dtype=bool)
+    if with_tokens and max_length is not None:
+        # Checked before "no trained tokens", as the per-row order always was; template errors have no length.
+        too_long = (length > max_length) & np.isin(reasons, ("", "no_trained_tokens"))
+        reasons[too_long] = "too_long"
+    kept = np.flatnonzero(reasons == "")
     dropped = Counter(report.dropped)
-    counts = pc.value_counts(drop.drop_null())
-    for item in counts.to_pylist():
-        dropped[item["values"]] += item["counts"]
+    values, counts = np.unique(reasons[reasons != ""], return_counts=True)
+    dropped.update(dict(zip(map(str, values), map(int, counts))))
     report.dropped = dict(dropped)
     examples = list(report.dropped_examples)
     # Reading drops first, then conversion drops, then tokenization drops: the order the pipeline meets them.
@@ -390,14 +138,13 @@ def _summarize(rows, toks, report: DataReport, with_tokens: bool) -> np.ndarray:
             break
         for i in np.flatnonzero(stage)[:room]:
             i = int(i)
-            examples.append(DroppedRow(i + 1, reasons[i], toks[i]["_detail"], rows[i]["_where"]))
+            detail = f"{length[i]} tokens > max_length {max_length}" if too_long[i] else toks[i]["_detail"]
+            examples.append(DroppedRow(i + 1, str(reasons[i]), detail, rows[i]["_where"]))
     report.dropped_examples = examples
     report.rows_kept = len(kept)
     if with_tokens:
-        length = _column(toks, "length")
         report.token_lengths = length[kept].astype(np.int32)
         report.trained_tokens = int(_column(toks, "trained")[kept].sum())
-        too_long = reasons == "too_long"
         report.shortest_too_long = int(length[too_long].min()) if too_long.any() else None
     return kept
 
@@ -447,7 +194,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer, seed: int, *, max_bytes: int | N
     _check_overhead(tokenizer, settings.fmt, cfg.system_prompt, cfg.max_length)
     rows = raw.dataset()
     toks = load_tokens(raw, settings, tokenizer)
-    kept = _summarize(rows, toks, report, with_tokens=True)
+    kept = _summarize(rows, toks, report, with_tokens=True, max_length=cfg.max_length)
     if not len(kept):
         raise nothing_left(report, Path(cfg.data_path).name)
     conversations = Conversations(rows, kept, settings)
@@ -461,8 +208,8 @@ def prepare_dataset(cfg: DataConfig, tokenizer, seed: int, *, max_bytes: int | N
         n_eval = min(len(kept) - 1, max(1, round(len(kept) * cfg.eval_fraction)))
     cols = toks.select_columns(["input_ids", "labels", "attention_mask", "length"])
     report.n_eval, report.n_train = n_eval, len(kept) - n_eval
-    return PreparedData(train=cols.select(shuffled[n_eval:]), eval=cols.select(shuffled[:n_eval]), report=report,
-                        conversations=conversations)
+    return PreparedData(train=_as_rows(cols.select(shuffled[n_eval:])), eval=_as_rows(cols.select(shuffled[:n_eval])),
+                        report=report, conversations=conversations)
 
 
 def inspect_file(path: str | Path, tokenizer=None, data_format: str = "auto", column_map: dict | None = None,
@@ -498,7 +245,7 @@ def inspect_file(path: str | Path, tokenizer=None, data_format: str = "auto", co
     else:
         rows = raw.dataset()
         toks = load_tokens(raw, settings, tokenizer)
-    kept = _summarize(rows, toks, report, with_tokens=tokenizer is not None)
+    kept = _summarize(rows, toks, report, with_tokens=tokenizer is not None, max_length=max_length)
     convs = Conversations(rows, kept, settings)
     if len(kept):
         report.example = convs[0]

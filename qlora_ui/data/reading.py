@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,8 @@ class Sink:
         self.columns: dict[str, None] = {}
         self.sample: list[dict] = []
         self.broken: list[str] = []  # where each unreadable row is ("line 7"), the first MAX_BROKEN of them
+        self.tell: Callable[[], int] | None = None  # bytes of the file read so far, for a progress bar
+        self.on_flush: Callable[[Sink], None] | None = None
 
     @property
     def full(self) -> bool:
@@ -148,6 +151,8 @@ class ArrowSink(Sink):
             self.writer.write_batch(pa.record_batch([pa.array(self._where, pa.string()),
                                                      pa.array(self._rec, pa.string())], schema=self.schema))
             self._where, self._rec = [], []
+            if self.on_flush is not None:
+                self.on_flush(self)
 
     def close(self) -> None:
         self._flush()
@@ -185,7 +190,17 @@ def file_kind(path: str | Path, *, max_bytes: int | None = None) -> tuple[Path, 
 
 
 def file_digest(path: str | Path) -> str:
-    """sha256 of the file's bytes: what a prepared cache and a run's record of its data are keyed by."""
+    """sha256 of the file's bytes: what a prepared cache and a run's record of its data are keyed by.
+
+    A start hashes its file up to three times (check, run record, prepare): remembered for the same file, size,
+    mtime and ctime (any write changes the ctime)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _digest(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@lru_cache(maxsize=256)
+def _digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -377,6 +392,7 @@ def _read_jsonl(p: Path, enc: str, sink: Sink) -> None:
             return
     first_error = None
     with _open(p, enc) as f:
+        sink.tell = f.buffer.tell
         for lineno, line in enumerate(f, 1):
             if sink.full:
                 break
@@ -479,6 +495,7 @@ def _read_csv(p: Path, enc: str, sink: Sink) -> None:
         delim = max(counts, key=counts.get) if max(counts.values()) > 0 else ","
     csv.field_size_limit(2**31 - 1)  # the default (128 KiB per cell) would reject long documents
     with _open(p, enc, newline="") as f:
+        sink.tell = f.buffer.tell
         reader = csv.reader(f, delimiter=delim)
         header = [h.strip() for h in next(reader, [])]
         if not any(header):
@@ -522,6 +539,7 @@ def _read_txt(p: Path, enc: str, sink: Sink) -> None:
                 blank_after = True
     per_line = all_marked if marked else not has_blank
     with _open(p, enc) as f:
+        sink.tell = f.buffer.tell
         if per_line:
             for lineno, ln in enumerate(f, 1):
                 if sink.full:

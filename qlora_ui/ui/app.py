@@ -104,7 +104,7 @@ def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Block
         # One serialized listener (like the data inspection): the newest settings always win.
         mem_triggers = [tr["preset"].change] + [form[k].change for k in [
             "base_model", "lora_r", "batch_size", "processes", "max_length", "optimizer", "gradient_checkpointing",
-            "quant_type", "double_quant", "load_in_4bit", "compute_dtype"]]
+            "quant_type", "double_quant", "load_in_4bit", "compute_dtype", "accelerate_config", "quant_storage"]]
         gr.on(mem_triggers, refresh_memory, [tr["preset"]] + inputs, mem_out, show_progress="hidden",
               concurrency_limit=1, trigger_mode="always_last", api_name=False)
 

@@ -16,7 +16,7 @@ MAIN_TRAIN_KEYS = ["max_steps", "epochs", "batch_size", "grad_accum", "learning_
 ADVANCED_TRAIN_KEYS = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm",
                        "gradient_checkpointing", "group_by_length", "seed", "logging_steps", "eval_steps",
                        "save_steps", "save_total_limit", "padding_free", "labelled_head", "mixed_precision",
-                       "accelerate_config"]
+                       "accelerate_config", "quant_storage"]
 
 POLL_EVERY_S = 3.0  # the Train tab's progress/log/chart refresh (see the timer below for why not faster)
 
