@@ -168,9 +168,7 @@ class TrainingJob:
             if changes:
                 log.info("resuming %s with %s", run.name, ", ".join(f"{k}={v}" for k, v in changes.items()))
                 self.cfg = self.cfg.updated(**changes)
-            if extend_to is not None or changes:
-                self.cfg.validate(need_data=True)
-                run.write_config(self.cfg)
+            self._resume_changed = extend_to is not None or bool(changes)
         self.cfg.validate(need_data=True)
         if launched:
             pass
@@ -187,6 +185,8 @@ class TrainingJob:
 
             check_resumable(run, extend_to)
             check_run_dataset(run, self.cfg.data.data_path)  # resuming on changed data is refused, clearly
+            if getattr(self, "_resume_changed", False):
+                run.write_config(self.cfg)  # only once the resume is accepted: a refused one changes nothing
         self.run: RunDir = run if run is not None else create_run(self.cfg)
         if not resume and not launched:
             self.cfg = copy_dataset_into(self.run, self.cfg)
