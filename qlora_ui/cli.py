@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     try:
-        from .memory import add_plan_parser
+        from .plan_cli import add_plan_parser
 
         add_plan_parser(sub)
     except ImportError:

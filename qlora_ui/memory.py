@@ -27,19 +27,18 @@ detect the device, so planning works without a GPU and without loading a model.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from .config import BUNDLED_MODEL, RunConfig
+from .config import RunConfig
+
+# Re-exported: callers (the UI, benches, tests) name the planner's shapes through this module.
+from .shapes import LINEARS, ModelShape, ShapeError, known_shapes, resolve_shape, shape_from_config  # noqa: F401
 
 GB = 1e9
-SHAPES_FILE = Path(__file__).resolve().parent / "model_shapes.json"
 
 PARTS = ("weights", "quant_constants", "adapter", "gradients", "optimizer", "activations")
 METHODS = {
@@ -48,7 +47,6 @@ METHODS = {
     "qlora_no_double_quant": "QLoRA (NF4)",
     "qlora": "QLoRA (NF4 + double quant)",
 }
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # NF4: 4 bits per weight; one fp32 absmax per 64 weights (32/64 bits); with double quantization the absmax is
 # 8-bit in blocks of 256 with an fp32 second-level constant: 8/64 + 32/(64*256) bits (QLoRA Sec. 3).
@@ -70,166 +68,6 @@ CPU_RUNTIME_BYTES = 25e6
 # per-layer tensors below it that stays in the heap after being freed (cpu_allocator_slack).
 GLIBC_MMAP_MAX = 32 * 2**20
 CPU_SLACK_SHARE = 0.45
-
-
-class ShapeError(ValueError):
-    """A model name the planner cannot turn into a shape, with the names it knows."""
-
-
-# ---------------------------------------------------------------- shapes
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tie_embeddings: bool
-    head_dim: int = 0  # 0 = hidden // heads
-    attention_bias: bool = False
-    gated_mlp: bool = True  # SwiGLU (gate, up, down) as in LLaMA; False = two-matrix MLP (up, down)
-    hub_ids: tuple[str, ...] = ()
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer in one decoder block."""
-        h, q, kv, i = self.hidden, self.heads * self.hd, self.kv_heads * self.hd, self.intermediate
-        out = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
-        if self.gated_mlp:
-            out["gate_proj"] = (h, i)
-        out.update(up_proj=(h, i), down_proj=(i, h))
-        return out
-
-    def param_counts(self) -> dict[str, int]:
-        """Parameters per module kind, all layers together."""
-        lin = self.linears()
-        attn = sum(a * b for k, (a, b) in lin.items() if k in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        if self.attention_bias:  # Qwen2 has q/k/v biases
-            attn += self.heads * self.hd + 2 * self.kv_heads * self.hd
-        mlp = sum(a * b for k, (a, b) in lin.items() if k in ("gate_proj", "up_proj", "down_proj"))
-        emb = self.vocab * self.hidden
-        return {
-            "embeddings": emb,
-            "attention": attn * self.layers,
-            "mlp": mlp * self.layers,
-            "norms": self.hidden * (2 * self.layers + 1),
-            "lm_head": 0 if self.tie_embeddings else emb,
-        }
-
-    @property
-    def total_params(self) -> int:
-        return sum(self.param_counts().values())
-
-    @property
-    def quantized_params(self) -> int:
-        """Weights bitsandbytes stores in 4 bits: every linear layer in the blocks (not embeddings, lm_head,
-        norms or biases; transformers keeps the output layer in 16 bits)."""
-        return self.layers * sum(a * b for a, b in self.linears().values())
-
-    def lora_params(self, rank: int, targets: str = "all-linear") -> int:
-        return self.layers * sum(rank * (a + b) for a, b in self._targets(targets).values())
-
-    def _targets(self, targets: str) -> dict[str, tuple[int, int]]:
-        lin = self.linears()
-        if targets.strip() == "all-linear":
-            return lin
-        # peft matches a target against the end of the module name, so "q_proj" and "self_attn.q_proj" match.
-        wanted = {t.strip().rsplit(".", 1)[-1] for t in targets.split(",") if t.strip()}
-        return {k: v for k, v in lin.items() if k in wanted}
-
-
-def _load_shapes() -> dict[str, ModelShape]:
-    raw = json.loads(SHAPES_FILE.read_text(encoding="utf-8"))
-    return {name: shape_from_config(d, name) for name, d in raw.items() if not name.startswith("_")}
-
-
-def known_shapes() -> list[str]:
-    return sorted(SHAPES)
-
-
-def shape_from_config(conf: dict, name: str = "local") -> ModelShape:
-    """A shape from a Hugging Face config.json dict (Llama-style keys, GPT-2-style as a fallback)."""
-    conf = conf.get("text_config", conf) if "hidden_size" not in conf and "n_embd" not in conf else conf
-
-    def pick(*keys: str, default=None):
-        for k in keys:
-            if conf.get(k) is not None:
-                return conf[k]
-        return default
-
-    hidden = pick("hidden_size", "n_embd", "d_model")
-    layers = pick("num_hidden_layers", "n_layer", "num_layers")
-    heads = pick("num_attention_heads", "n_head")
-    vocab = pick("vocab_size")
-    missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
-                              ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
-    if missing:
-        raise ShapeError(f"config for '{name}' lacks {', '.join(missing)}; cannot estimate its memory.")
-    model_type = str(conf.get("model_type", "")).lower()
-    gated = model_type not in ("gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "gpt_bigcode")
-    return ModelShape(
-        name=name,
-        hidden=int(hidden),
-        intermediate=int(pick("intermediate_size", "n_inner", "ffn_dim", default=4 * int(hidden)) or 4 * hidden),
-        layers=int(layers),
-        heads=int(heads),
-        kv_heads=int(pick("num_key_value_heads", "num_kv_heads", default=heads)),
-        vocab=int(vocab),
-        # transformers' LlamaConfig defaults to untied; counting an untied head is the safe side.
-        tie_embeddings=bool(pick("tie_word_embeddings", default=False)),
-        head_dim=int(pick("head_dim", default=0) or 0),
-        attention_bias=bool(pick("attention_bias", default=model_type == "qwen2")),
-        gated_mlp=gated,
-        hub_ids=tuple(conf.get("hub_ids", ())),
-    )
-
-
-SHAPES: dict[str, ModelShape] = _load_shapes()
-
-
-def resolve_shape(model: str) -> ModelShape:
-    """A shape name ("llama-65b"), a hub id that maps to one, the bundled model (its shape, without converting
-    it), a local folder (or its config.json), or a hub id already in the local Hugging Face cache."""
-    name = (model or "").strip()
-    low = name.lower()
-    if name == BUNDLED_MODEL or low in ("bundled", "smollm2-135m-instruct"):
-        return SHAPES["smollm2-135m"]
-    if low in SHAPES:
-        return SHAPES[low]
-    for shape in SHAPES.values():
-        if low in (h.lower() for h in shape.hub_ids):
-            return shape
-    p = Path(name).expanduser()
-    conf_file = p if p.name == "config.json" else p / "config.json"
-    if conf_file.is_file():
-        return shape_from_config(json.loads(conf_file.read_text(encoding="utf-8")), p.name or name)
-    if p.exists():
-        raise ShapeError(f"'{name}' has no config.json, so the planner cannot read its shape.")
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        cached = _hub_cached_config(name)
-        if cached is not None:
-            return shape_from_config(json.loads(cached.read_text(encoding="utf-8")), name)
-    raise ShapeError(f"unknown model '{name}'. Known shapes: {', '.join(known_shapes())}; "
-                     "or give a local folder with config.json.")
-
-
-def _hub_cached_config(repo_id: str) -> Path | None:
-    # Offline by design: only a config.json the user has already downloaded is read.
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        hit = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repo id: just "not cached"
-        return None
-    return Path(hit) if isinstance(hit, str) else None
 
 
 # ---------------------------------------------------------------- settings
@@ -784,105 +622,3 @@ def plan_figure(plan: Plan):
                       margin={"l": 50, "r": 10, "t": 50, "b": 130}, xaxis={"tickangle": 0, "automargin": True})
     return fig
 
-
-# ---------------------------------------------------------------- CLI: python -m qlora_ui plan
-
-def add_plan_parser(subparsers) -> None:
-    """Register `plan` on the main CLI's subparsers."""
-    p = subparsers.add_parser("plan", help="Estimate training memory per method and say whether it fits.",
-                              description="Estimate the memory of full 16-bit fine-tuning, 16-bit LoRA and QLoRA "
-                              "(with and without double quantization) from a model config alone, and whether the "
-                              "chosen method fits this machine (or --device-gb). Flags override the preset, the "
-                              "preset overrides the defaults.")
-    p.add_argument("--model", help=f"shape name ({', '.join(known_shapes())}), a hub id of one of them, "
-                   "'bundled', or a local folder with config.json")
-    p.add_argument("--preset", help="start from this preset (a gpu-*-<N>gb preset also sets --device-gb N)")
-    p.add_argument("--batch", type=int, help="examples per step (batch_size)")
-    p.add_argument("--seq", type=int, help="tokens per example (max_length)")
-    p.add_argument("--rank", type=int, help="LoRA rank (lora_r)")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), help="optimizer")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward")
-    p.add_argument("--quant-type", choices=["nf4", "fp4"], help="4-bit data type (same memory)")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the quantization constants (which QLoRA column decides the verdict)")
-    p.add_argument("--device-gb", type=float, help="plan for a device of this many GB instead of this machine")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="what the memory is: GPU VRAM or CPU RAM")
-    p.add_argument("--precision", choices=["app", "paper"], default="app",
-                   help="app: dtypes as this app trains (fp32 adapters and embeddings); paper: as the QLoRA "
-                   "paper's code (bf16)")
-    p.add_argument("--processes", type=int, help="training processes, one per GPU: figures become per device")
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), help="with --processes N: ddp replicates the model on "
-                   "every device, fsdp / deepspeed (ZeRO-3) shard it (default: the preset's accelerate_config, "
-                   "else ddp)")
-    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                   help="with fsdp / deepspeed: parameters, gradients and optimizer state in CPU RAM (GPU keeps "
-                   "the gathered layers and activations)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=plan_main)
-
-
-def plan_main(args) -> int:
-    import sys
-
-    from .config import ConfigError, load_preset, validate_fields
-
-    try:
-        cfg = load_preset(args.preset) if getattr(args, "preset", None) else RunConfig()
-        flags = {"base_model": args.model, "batch_size": args.batch, "max_length": args.seq, "lora_r": args.rank,
-                 "optimizer": args.optimizer, "gradient_checkpointing": args.gradient_checkpointing,
-                 "quant_type": args.quant_type, "double_quant": args.double_quant}
-        cfg = cfg.updated(**{k: v for k, v in flags.items() if v is not None})
-        problems = validate_fields(cfg)
-        if problems:
-            raise ConfigError(problems)
-        device_gb = args.device_gb
-        if device_gb is None and getattr(args, "preset", None):
-            device_gb = preset_target_gb(args.preset)
-        if device_gb is not None and not (math.isfinite(device_gb) and device_gb > 0):
-            raise ConfigError([f"--device-gb {device_gb}: give a positive number of GB"])
-        procs = getattr(args, "processes", None)
-        if procs is not None and procs < 1:
-            raise ConfigError([f"--processes {procs}: give 1 or more"])
-        plan = plan_for_config(cfg, device_gb, device=args.device, precision=args.precision, processes=procs,
-                               strategy=getattr(args, "strategy", None), offload=getattr(args, "offload", None))
-    except ShapeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"error: invalid plan settings:\n{e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(plan.to_json(), indent=2, ensure_ascii=False))
-    else:
-        print(format_plan(plan))
-    return 0
-
-
-def format_plan(plan: Plan) -> str:
-    """A plain-text table of the plan for the terminal."""
-    s = plan.settings
-    head = (f"{plan.shape.name}: {plan.shape.total_params / 1e9:.2f}B params | batch {s.batch} x {s.seq} tokens | "
-            f"LoRA r{s.rank} ({s.targets}) | {s.optimizer} | gradient checkpointing "
-            f"{'on' if s.gradient_checkpointing else 'off'} | {s.precision} precision, {s.device}"
-            + (f" | GB{plan.scope()}" if s.processes > 1 else ""))
-    cols = [m for m in METHODS]
-    lines = [head, "", f"{'GB':<16}" + "".join(f"{METHODS[m]:>28}" for m in cols)]
-    for part in PARTS:
-        lines.append(f"{part:<16}" + "".join(f"{plan.breakdown[m][part] / GB:>28.2f}" for m in cols))
-    lines.append(f"{'total':<16}" + "".join(f"{plan.total_gb(m):>28.2f}" for m in cols))
-    lines += ["", (f"{METHODS[plan.method]} needs {plan.total_gb():.2f} GB of {plan.device_gb:.1f} GB "
-                   f"{plan.device_label}: {plan.verdict}")]
-    if plan.advice:
-        lines.append(f"To make it fit: {plan.advice}")
-    lines += plan.notes
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # `python -m qlora_ui.memory plan ...` works before the main CLI wires it in
-    import sys
-
-    _parser = argparse.ArgumentParser(prog="python -m qlora_ui.memory")
-    add_plan_parser(_parser.add_subparsers(dest="command", required=True))
-    _args = _parser.parse_args()
-    sys.exit(_args.func(_args))

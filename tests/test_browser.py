@@ -99,6 +99,17 @@ def use_tiny_model(page, models_root: Path):
     box.press("Enter")
 
 
+def train_tab_on_tiny_model(browser, app):
+    """A fresh page on the app, the tiny model chosen, the Train tab open."""
+    url, tmp = app
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+    use_tiny_model(page, tmp / "models")
+    page.get_by_role("tab", name="Train").click()
+    return page, tmp
+
+
 def test_upload_train_reload_stop_chat_compare(browser, app):
     url, tmp = app
     shots = shots_dir(tmp)
@@ -211,12 +222,7 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
 
 def test_lora_options_from_the_train_tab(browser, app):
     """LoRA init, DoRA and rsLoRA are form fields: a refused combination says why; the chosen ones reach the run."""
-    url, tmp = app
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
-    use_tiny_model(page, tmp / "models")
-    page.get_by_role("tab", name="Train").click()
+    page, tmp = train_tab_on_tiny_model(browser, app)
     # Written "LoRA" like the other LoRA labels.
     text = page.evaluate("document.body.innerText")
     assert "LoRA dropout" in text and "Lora dropout" not in text
@@ -242,12 +248,7 @@ def test_lora_options_from_the_train_tab(browser, app):
 def test_two_processes_from_the_train_tab(browser, app):
     """Processes is a form field: the global batch is spelled out, the run is launched through accelerate,
     followed live like any run, and Stop reaches both processes."""
-    url, tmp = app
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
-    use_tiny_model(page, tmp / "models")
-    page.get_by_role("tab", name="Train").click()
+    page, tmp = train_tab_on_tiny_model(browser, app)
     for label in ("Batch size", "Processes"):  # sliders: their number box
         box = page.get_by_label(f"number input for {label}")
         box.fill("2")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_ui import memory
+from qlora_ui import memory, plan_cli
 from qlora_ui.config import BUNDLED_MODEL, RunConfig, load_preset
 from qlora_ui.memory import (
     CONST_BITS_DOUBLE,
@@ -250,7 +250,7 @@ def test_activation_model_matches_autograd_saved_tensors(tiny_model_dir):
 
 def run_plan(argv: list[str], capsys) -> tuple[int, str, str]:
     parser = argparse.ArgumentParser()
-    memory.add_plan_parser(parser.add_subparsers(dest="command", required=True))
+    plan_cli.add_plan_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["plan", *argv])
     rc = args.func(args)
     out = capsys.readouterr()

@@ -43,6 +43,12 @@ def start(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def start_long_run(model: Path, data: Path, runs: Path, save_steps: int) -> subprocess.Popen:
+    """A 2-process CLI run long enough to be stopped or killed midway."""
+    return start("--base-model", model, "--data", data, "--runs-dir", runs, "--processes", 2, "--batch-size", 2,
+                 "--max-steps", 2000, "--save-steps", save_steps, *COMMON)
+
+
 def metrics(run: Path) -> list[dict]:
     return RunDir(run).read_metrics()
 
@@ -108,8 +114,7 @@ def test_two_processes_match_one_process_step_by_step(tiny_model_dir, data, tmp_
 
 def test_stop_from_the_command_line_reaches_every_rank_and_resume_continues_on_one(tiny_model_dir, data, tmp_path):
     runs = tmp_path / "runs"
-    proc = start("--base-model", tiny_model_dir, "--data", data, "--runs-dir", runs, "--processes", 2,
-                 "--batch-size", 2, "--max-steps", 2000, "--save-steps", 1000, *COMMON)
+    proc = start_long_run(tiny_model_dir, data, runs, save_steps=1000)
     try:
         run = wait_for(lambda: run_dirs(runs) and run_dirs(runs)[0], 60, "the run folder")
         wait_for(lambda: len(loss_rows(run)) >= 3, 120, "3 steps")
@@ -138,8 +143,7 @@ def test_stop_from_the_command_line_reaches_every_rank_and_resume_continues_on_o
 
 def test_killing_one_rank_marks_the_run_failed_and_it_resumes(tiny_model_dir, data, tmp_path):
     runs = tmp_path / "runs"
-    proc = start("--base-model", tiny_model_dir, "--data", data, "--runs-dir", runs, "--processes", 2,
-                 "--batch-size", 2, "--max-steps", 2000, "--save-steps", 2, *COMMON)
+    proc = start_long_run(tiny_model_dir, data, runs, save_steps=2)
     try:
         run = wait_for(lambda: run_dirs(runs) and run_dirs(runs)[0], 60, "the run folder")
         wait_for(lambda: RunDir(run).last_checkpoint() is not None and len(loss_rows(run)) >= 3, 120,
@@ -253,8 +257,7 @@ def test_a_request_cannot_name_an_accelerate_file_of_its_own(tiny_model_dir, dat
 
 def test_an_app_started_later_follows_and_stops_a_running_multi_process_run(tiny_model_dir, data, tmp_path):
     runs = tmp_path / "runs"
-    proc = start("--base-model", tiny_model_dir, "--data", data, "--runs-dir", runs, "--processes", 2,
-                 "--batch-size", 2, "--max-steps", 2000, "--save-steps", 1000, *COMMON)
+    proc = start_long_run(tiny_model_dir, data, runs, save_steps=1000)
     try:
         run = wait_for(lambda: run_dirs(runs) and run_dirs(runs)[0], 60, "the run folder")
         wait_for(lambda: len(loss_rows(run)) >= 2, 120, "2 steps")
