@@ -229,9 +229,11 @@ def test_resume_refuses_a_changed_dataset(tmp_path, monkeypatch, copied):
     assert (used.parent == run.data_dir.resolve()) is copied
     runs.check_run_dataset(run, str(used))  # unchanged: fine
     used.write_text(used.read_text().replace("Answer 5.", "Answer 6."))
+    before = run.config_path.read_text()
     with pytest.raises(ConfigError, match="has changed since the run started") as e:
-        TrainingJob(run=run, resume=True)
+        TrainingJob(run=run, resume=True, overrides={"batch_size": 1, "processes": 2})
     assert run.name in str(e.value) and ("where it lies" in str(e.value)) is not copied
+    assert run.config_path.read_text() == before  # a refused resume changes nothing in the run
     used.unlink()
     with pytest.raises(ConfigError, match="no longer exists"):
         TrainingJob(run=run, resume=True)
