@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from .memory import Plan
 
 COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#ca8a04"]
 
@@ -67,4 +70,47 @@ def length_histogram(lengths, max_length: int, over: int | None = None) -> go.Fi
                   annotation_text=f"max_length {max_length}: {over} row(s) dropped", annotation_position="top right")
     fig.update_layout(title="Tokens per example", xaxis_title="tokens", yaxis_title="rows", height=320,
                       margin=dict(l=40, r=20, t=50, b=40), template="plotly_white", bargap=0.05)
+    return fig
+
+
+def plan_figure(plan: Plan) -> go.Figure:
+    """The memory planner's answer: stacked bars, one per method, split by part; a dashed line at the device's
+    memory; the verdict on top."""
+    from .memory import GB, METHODS, PARTS
+
+    colors = {"weights": "#4c72b0", "quant_constants": "#8172b2", "adapter": "#55a868", "gradients": "#dd8452",
+              "optimizer": "#c44e52", "activations": "#937860"}
+    names = list(METHODS)
+    # Short bar labels (the full method name is in the hover and the text beside the chart): long ones ran
+    # together on a phone.
+    short = {"full_finetune": "Full 16-bit", "lora_16bit": "LoRA 16-bit", "qlora_no_double_quant": "QLoRA",
+             "qlora": "QLoRA+DQ"}
+    labels = [short.get(m, m) + (" ◀" if m == plan.method else "") for m in names]
+    fig = go.Figure()
+    for part in PARTS:
+        vals = [plan.breakdown[m][part] / GB for m in names]
+        fig.add_bar(name=part.replace("_", " "), x=labels, y=vals, marker_color=colors[part],
+                    hovertemplate="%{x}<br>" + part.replace("_", " ") + ": %{y:.2f} GB<extra></extra>")
+    totals = [plan.total_gb(m) for m in names]
+    fig.add_scatter(x=labels, y=totals, mode="text", text=[f"{v:.1f} GB" for v in totals],
+                    textposition="top center", showlegend=False, hoverinfo="skip")
+    fig.add_hline(y=plan.device_gb, line_dash="dash", line_color="black",
+                  annotation_text=f"{plan.device_label}: {plan.device_gb:.1f} GB", annotation_position="top left")
+    # Say on the chart what dominates, so the bars and the "NF4 saves X%" sentence beside them agree: on a small
+    # model the activations (and the 16-bit embeddings) outweigh the linear weights 4-bit shrinks.
+    b, full = plan.breakdown[plan.method], plan.breakdown["lora_16bit"]
+    w4 = (b["weights"] + b["quant_constants"]) / GB
+    w16 = full["weights"] / GB
+    top = max(PARTS, key=lambda part: b[part])
+    note = f"4-bit weights: {w4:.2f} GB vs {w16:.2f} GB in 16-bit"
+    if top != "weights":
+        note += f"<br>{top.replace('_', ' ')} ({b[top] / GB:.2f} GB) dominate this total"
+    fig.add_annotation(text=note, xref="paper", yref="paper", x=0, y=-0.13, showarrow=False, xanchor="left",
+                       yanchor="top", align="left", font={"size": 11})
+    # Linear axis on purpose: a log axis would distort the stacked parts.
+    fig.update_layout(barmode="stack", title={"text": f"{plan.shape.name}{plan.scope()}: {plan.total_gb():.1f} GB → "
+                                                      f"{plan.verdict}",
+                                              "font": {"size": 14}},
+                      yaxis_title="GB", height=480, legend={"orientation": "h", "y": -0.3, "x": 0},
+                      margin={"l": 50, "r": 10, "t": 50, "b": 130}, xaxis={"tickangle": 0, "automargin": True})
     return fig

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_ui import memory, plan_cli
+from qlora_ui import memory, plan_cli, plots
 from qlora_ui.config import BUNDLED_MODEL, RunConfig, load_preset
 from qlora_ui.memory import (
     CONST_BITS_DOUBLE,
@@ -205,7 +205,7 @@ def test_detect_device_memory():
 
 def test_figure_has_stacked_parts_device_line_and_verdict():
     plan = plan_for_config(cfg_for("llama-13b"), 24)
-    fig = memory.plan_figure(plan)
+    fig = plots.plan_figure(plan)
     bars = [t for t in fig.data if t.type == "bar"]
     assert [b.name for b in bars] == [p.replace("_", " ") for p in memory.PARTS]
     assert all(len(b.y) == 4 for b in bars)

@@ -11,11 +11,11 @@ import gradio as gr
 from ..config import RunConfig
 from ..memory import (
     ShapeError,
-    plan_figure,
     plan_for_config,
     preset_target_gb,
     preset_verdict,
 )
+from ..plots import plan_figure
 
 
 def build_memory_panel(cfg: RunConfig | None = None) -> dict:
