@@ -154,6 +154,7 @@ class TrainingJob:
         if rank != 0 and run is not None:
             run = RankView(run.path)
         self.cfg = run.config() if (run is not None and cfg is None) else cfg
+        changed = False  # a resume that changes settings writes them once it is accepted
         if resume and run is not None and not launched:
             if extend_to is not None:
                 check_resumable(run, extend_to)
@@ -168,10 +169,10 @@ class TrainingJob:
             if changes:
                 log.info("resuming %s with %s", run.name, ", ".join(f"{k}={v}" for k, v in changes.items()))
                 self.cfg = self.cfg.updated(**changes)
-            self._resume_changed = extend_to is not None or bool(changes)
+            changed = extend_to is not None or bool(changes)
         self.cfg.validate(need_data=True)
         if launched:
-            pass
+            pass  # the launcher checked all of this before starting the processes
         elif not resume:
             from .data import check_file
             from .modeling import preflight
@@ -185,7 +186,7 @@ class TrainingJob:
 
             check_resumable(run, extend_to)
             check_run_dataset(run, self.cfg.data.data_path)  # resuming on changed data is refused, clearly
-            if getattr(self, "_resume_changed", False):
+            if changed:
                 run.write_config(self.cfg)  # only once the resume is accepted: a refused one changes nothing
         self.run: RunDir = run if run is not None else create_run(self.cfg)
         if not resume and not launched:
