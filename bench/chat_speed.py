@@ -2,28 +2,29 @@
 
     python bench/chat_speed.py --run runs/<run> [--tokens 128]
 
-The same rendered prompt, greedy, end-of-turn ignored so every backend generates exactly --tokens tokens; the
-time covers prompt processing and generation (what a chat user waits for), after one warm-up call each.
+The same user message, greedy, after one warm-up call each; the time covers prompt processing and generation (what
+a chat user waits for). transformers ignores end-of-turn, so it generates exactly --tokens tokens. llama.cpp runs
+as the app runs it, in a child process (qlora_ui.native: a fault there ends the child, not this bench) that
+applies the GGUF's chat template and may stop at end-of-turn before --tokens; its tokens are the pieces it
+streamed, one per token, and tokens/s is taken over those.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: F401 - the repository root on sys.path, offline
 
 PROMPT = "Tell me about your ship and your crew."
 
 
-def ll_once(llm, prompt: list[int], n: int) -> int:
-    # logit_bias on EOS: generate the full length, like min_new_tokens on the transformers side
-    out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1, logit_bias={llm.token_eos(): -100.0})
-    return out["usage"]["completion_tokens"]
+def llama_cpp_once(child, messages: list[dict], n: int) -> int:
+    """One greedy chat reply of at most `n` tokens from the llama.cpp child: the number of tokens it streamed."""
+    got = 0
+    for msg in child.request("chat", messages=messages, max_tokens=n, temperature=0.0, top_p=1.0, seed=0):
+        got += "delta" in msg
+    return got
 
 
 def main() -> None:
@@ -37,13 +38,15 @@ def main() -> None:
     from qlora_ui.chat import ChatEngine
     from qlora_ui.data import render_chat
     from qlora_ui.export import ggufs
+    from qlora_ui.native.client import LlamaCppProcess
     from qlora_ui.runs import open_run
 
     run = open_run(args.run)
     eng = ChatEngine()
     name = eng.load(run.config(), run.adapter_dir)
     tok = eng.tokenizer
-    text = render_chat(tok, [{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    messages = [{"role": "user", "content": PROMPT}]
+    text = render_chat(tok, messages, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     n = args.tokens
     results = []
@@ -63,16 +66,16 @@ def main() -> None:
         got = hf_once(adapter_on)
         results.append((label, got, time.time() - t))
 
-    from llama_cpp import Llama
-
     for gguf in sorted(ggufs(run)):
-        llm = Llama(model_path=str(gguf), n_ctx=1024, verbose=False)
-        prompt = ids[0].tolist()
-        ll_once(llm, prompt, n)
-        t = time.time()
-        got = ll_once(llm, prompt, n)
-        results.append((f"llama.cpp, {gguf.name.rsplit('-', 1)[-1]}", got, time.time() - t))
-        del llm
+        child = LlamaCppProcess(gguf, n_ctx=1024)
+        child.start()
+        try:
+            llama_cpp_once(child, messages, n)
+            t = time.time()
+            got = llama_cpp_once(child, messages, n)
+            results.append((f"llama.cpp, {gguf.name.rsplit('-', 1)[-1]}", got, time.time() - t))
+        finally:
+            child.close()
 
     base = results[0][1] / results[0][2]
     print(f"run {run.name}, prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads")

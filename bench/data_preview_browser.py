@@ -12,18 +12,11 @@ preparation of the whole file. The file must not be in the messages format (the 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
+from common import ROOT, app_env, launch_chromium, meets, running_app, verdict
 
 
 def main() -> None:
@@ -32,28 +25,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     a = ap.parse_args()
     data = Path(a.file).resolve()
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-               "QLORA_DATA_CACHE": str(Path(tmp) / "cache")}
-        log = open(Path(tmp) / "app.log", "w")
-        app = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(Path(tmp) / "runs"),
-                                "--data-root", str(data.parent)], cwd=ROOT, env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(240):
-                try:
-                    urllib.request.urlopen(url, timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.5)
+        env = app_env(QLORA_DATA_CACHE=str(Path(tmp) / "cache"))
+        with running_app(Path(tmp) / "runs", env, "--data-root", str(data.parent), log=Path(tmp) / "app.log",
+                         timeout=240, stop_wait=30) as app:
             from playwright.sync_api import sync_playwright
 
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                browser = launch_chromium(p)
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                page.goto(url)
+                page.goto(app.url)
                 page.wait_for_selector("#data-summary:has-text('Format:')", timeout=120_000)  # the preset's file
                 before = page.inner_text("#data-summary")
                 page.locator("#dataset-server input").click()
@@ -75,11 +56,9 @@ def main() -> None:
                 shot = ROOT / "bench" / "results" / "data_preview_browser.png"
                 page.screenshot(path=str(shot), full_page=False)
                 browser.close()
-        finally:
-            app.terminate()
-            app.wait(30)
     print(f"{data.name} ({data.stat().st_size / 1e6:.0f} MB), picked from --data-root in headless Chromium")
-    print(f"first preview (sample) shown after  {first:7.1f} s   goal <= 10 s: {'met' if first <= 10 else 'MISSED'}")
+    met = verdict(meets(first, "<=", 10), "met", "MISSED")
+    print(f"first preview (sample) shown after  {first:7.1f} s   goal <= 10 s: {met}")
     print(f"full counts shown after             {full:7.1f} s")
     print("\nfirst answer:\n" + first_text.strip()[:600] + "\n\nfull answer:\n" + full_text.strip()[:600])
 

@@ -19,9 +19,7 @@ job slow both several times over.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -29,29 +27,13 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import CLI, ROOT, meets, table, write_word_alpaca
+
 PY = sys.executable
 GOALS = {"check_s": 120, "check_gb": 1.5, "first_s": 180, "second_s": 15, "train_gb": 2.5, "preview_s": 10}
 # Measured in the issue on this machine class with the old code (460,000-row, 188 MB cut; the 1M file was refused).
 ISSUE_BEFORE = "issue's numbers for the old code: check-data on 460,000 rows took 174 s and 3.5 GB; 1,000,000 " \
                "rows (390 MB) were refused (over the 200 MB limit)"
-
-WORDS = ("explain describe compare important different because through between mountains villages rivers "
-         "quietly carefully remember questions answers example several children garden kitchen library "
-         "morning evening weather history science language computer program summary").split()
-
-
-def generate(path: Path, rows: int, seed: int = 0) -> None:
-    """Alpaca rows of about 420 bytes, a third with an input field: 60-140 tokens rendered with SmolLM2's template,
-    so the quick-start preset's max_length 128 keeps most and drops a few as too long, as real data does."""
-    rnd = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(rows):
-            ins = " ".join(rnd.choices(WORDS, k=rnd.randint(5, 18)))
-            out = " ".join(rnd.choices(WORDS, k=rnd.randint(10, 50)))
-            f.write(json.dumps({"instruction": f"Q{i}: {ins}?", "input": "" if i % 3 else f"Context: {ins}.",
-                                "output": out}) + "\n")
-
 
 def run_measured(cmd: list[str], env: dict, until=None, timeout: float = 3600) -> dict:
     """Run a command; wall time, peak RSS of its process tree, and the time `until()` first became true."""
@@ -107,9 +89,9 @@ def after(data: Path, work: Path, env: dict, args) -> dict:
     cache = work / "cache-check"
     e = {**env, "QLORA_DATA_CACHE": str(cache)}
     print("after: check-data (cold cache) ...", flush=True)
-    res["check"] = run_measured([PY, "-m", "qlora_ui", "check-data", str(data)], e, timeout=args.timeout)
+    res["check"] = run_measured([*CLI, "check-data", str(data)], e, timeout=args.timeout)
     e = {**env, "QLORA_DATA_CACHE": str(work / "cache-train")}
-    train = [PY, "-m", "qlora_ui", "train", "--preset", "cpu-quickstart", "--data", str(data), "--max-steps", "50",
+    train = [*CLI, "train", "--preset", "cpu-quickstart", "--data", str(data), "--max-steps", "50",
              "--eval-steps", "1000", "--save-steps", "1000", "--quiet"]
     for which in ("first", "second"):
         runs = work / f"runs-{which}"
@@ -129,12 +111,10 @@ def after(data: Path, work: Path, env: dict, args) -> dict:
                                 timeout=args.timeout)
     print("after: upload preview (first answer, from a sample) ...", flush=True)
     res["preview"] = run_measured([PY, "-c", textwrap.dedent(f"""
-        import time, sys
-        sys.path.insert(0, {str(ROOT)!r})
+        import time
         from qlora_ui.studio import Studio
         from qlora_ui.config import RunConfig
-        from qlora_ui.ui.model_data_tab import inspect_upload
-        from qlora_ui.ui.handlers import PREVIEW_SAMPLE_ROWS
+        from qlora_ui.ui.tabs.model_data import PREVIEW_SAMPLE_ROWS, inspect_upload
         studio = Studio({str(work / 'runs-preview')!r})
         cfg = RunConfig(); cfg.data.data_path = {str(data)!r}
         studio.tokenizer_for(cfg.model.base_model)  # the app has it loaded before any upload
@@ -165,7 +145,6 @@ def before(data: Path, work: Path, env: dict, args) -> dict:
     old.write_text(src)
     load = textwrap.dedent(f"""
         import importlib.util, sys, time
-        sys.path.insert(0, {str(ROOT)!r})
         import qlora_ui
         spec = importlib.util.spec_from_file_location("qlora_ui._data_before", {str(old)!r})
         d = importlib.util.module_from_spec(spec); sys.modules[spec.name] = d; spec.loader.exec_module(d)
@@ -202,36 +181,30 @@ def fmt_gb(x) -> str:
     return "-" if x is None else f"{x:.2f} GB"
 
 
-def verdict(value, goal) -> str:
-    return "-" if value is None else ("met" if value <= goal else "MISSED")
-
-
 def report(rows: int, size: int, a: dict, b: dict) -> None:
     check, first, second, prev = a["check"], a["first"], a["second"], a["preview"]
     bc, bs = b.get("check", {}), b.get("start", {})
     timeout = " (timed out)" if bc.get("timed_out") else ""
-    table = [
+    body = [
         ("check-data wall time", fmt_s(bc.get("wall_s")) + timeout, fmt_s(check["wall_s"]),
-         f"<= {GOALS['check_s']} s", verdict(check["wall_s"], GOALS["check_s"])),
+         f"<= {GOALS['check_s']} s", meets(check["wall_s"], "<=", GOALS["check_s"])),
         ("check-data peak RSS", fmt_gb(bc.get("peak_gb")), fmt_gb(check["peak_gb"]), f"<= {GOALS['check_gb']} GB",
-         verdict(check["peak_gb"], GOALS["check_gb"])),
+         meets(check["peak_gb"], "<=", GOALS["check_gb"])),
         ("first train start -> first step", f"{fmt_s(bs.get('data_s'))} + model load", fmt_s(first["hit_s"]),
-         f"<= {GOALS['first_s']} s", verdict(first["hit_s"], GOALS["first_s"])),
+         f"<= {GOALS['first_s']} s", meets(first["hit_s"], "<=", GOALS["first_s"])),
         ("second start (cache) -> first step", f"{fmt_s(bs.get('data_s'))} + model load (no cache)",
-         fmt_s(second["hit_s"]), f"<= {GOALS['second_s']} s", verdict(second["hit_s"], GOALS["second_s"])),
+         fmt_s(second["hit_s"]), f"<= {GOALS['second_s']} s", meets(second["hit_s"], "<=", GOALS["second_s"])),
         ("peak RSS while training", f"{fmt_gb(bs.get('peak_gb'))} for the data alone, + training",
          fmt_gb(max(first["peak_gb"], second["peak_gb"])), f"<= {GOALS['train_gb']} GB",
-         verdict(max(first["peak_gb"], second["peak_gb"]), GOALS["train_gb"])),
+         meets(max(first["peak_gb"], second["peak_gb"]), "<=", GOALS["train_gb"])),
         ("  same training on 2,000 rows", "", fmt_gb(a["small"]["peak_gb"]), "(the model's share)", ""),
         ("upload preview, first answer", f"{fmt_s(bc.get('data_s'))} (whole file)",
          fmt_s(prev.get("engine_s")), f"<= {GOALS['preview_s']} s (engine)",
-         verdict(prev.get("engine_s"), GOALS["preview_s"])),
+         meets(prev.get("engine_s"), "<=", GOALS["preview_s"])),
     ]
     print(f"\n{rows:,} alpaca rows, {size / 1e6:,.0f} MB JSONL, {os.cpu_count()} cores")
-    head = ("measure", "before (old data.py)", "after", "goal", "")
-    widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(5)]
-    for r in [head, tuple("-" * w for w in widths), *table]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(table(["measure", "before (old data.py)", "after", "goal", ""], body, "plain", yes="met", no="MISSED",
+                unmeasured="-"))
     if not b:
         print(f"\nbefore: not run; {ISSUE_BEFORE}.")
     for name, r in [("check", check), ("first", first), ("second", second)]:
@@ -256,7 +229,7 @@ def main() -> int:
     data = work / f"alpaca-{args.rows}.jsonl"
     if not data.is_file():
         print(f"generating {args.rows:,} rows ...", flush=True)
-        generate(data, args.rows)
+        write_word_alpaca(data, args.rows)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT))
     a = after(data, work, env, args)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import shutil
 import subprocess
 import sys
@@ -29,10 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import CLI, ROOT, make_random_model, read_metrics, shape_dict, write_word_text
 
 NO_GPU = 3
 SETTINGS = {"batch_size": 1, "max_length": 512, "lora_r": 16, "grad_accum": 1}
@@ -49,20 +44,10 @@ def no_gpu_reason() -> str | None:
     return None
 
 
-def write_dataset(path: Path, rows: int = 64, words: int = 480) -> Path:
-    # The random model's word-level tokenizer (bench/measure_memory.py) knows w3..w999: one token per word, so
-    # a row is ~`words` tokens and fills the 512-token examples the planner assumes.
-    rng = random.Random(0)
-    with path.open("w", encoding="utf-8") as f:
-        for _ in range(rows):
-            f.write(json.dumps({"text": " ".join(f"w{rng.randrange(3, 1000)}" for _ in range(words))}) + "\n")
-    return path
-
-
 def train_case(model_dir: Path, data: Path, runs: Path, steps: int, processes: int, recipe: str,
                timeout: int) -> dict:
     name = f"gpu-check-{processes}p{'-' + recipe if recipe else ''}"
-    cmd = [sys.executable, "-m", "qlora_ui", "train", "--base-model", str(model_dir), "--data", str(data),
+    cmd = [*CLI, "train", "--base-model", str(model_dir), "--data", str(data),
            "--data-format", "text", "--max-steps", str(steps), "--batch-size", str(SETTINGS["batch_size"]),
            "--max-length", str(SETTINGS["max_length"]), "--lora-r", str(SETTINGS["lora_r"]),
            "--grad-accum", "1", "--eval-fraction", "0", "--save-steps", "1000", "--logging-steps", "1",
@@ -74,9 +59,7 @@ def train_case(model_dir: Path, data: Path, runs: Path, steps: int, processes: i
     out = {"case": name, "processes": processes, "recipe": recipe or "-", "rc": proc.returncode,
            "seconds": round(time.time() - t0, 1)}
     run_dirs = sorted(runs.glob(f"*-{name}"))
-    metrics = run_dirs[-1] / "metrics.jsonl" if run_dirs else None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics and \
-        metrics.exists() else []
+    rows = read_metrics(run_dirs[-1]) if run_dirs and (run_dirs[-1] / "metrics.jsonl").exists() else []
     peaks = [r["gpu_peak_gb"] for r in rows if r.get("gpu_peak_gb") is not None]
     out["measured_gb"] = max(peaks) if peaks else None
     out["steps_logged"] = len([r for r in rows if r.get("loss") is not None])
@@ -109,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench.measure_memory import make_random_model, shape_dict
-
     n_gpus = torch.cuda.device_count()
     device_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
     print(f"gpu_check: {n_gpus} x {torch.cuda.get_device_name(0)} ({device_gb:.0f} GB), torch {torch.__version__}",
@@ -121,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         model_dir = make_random_model(tmp / "llama-7b", shape_dict("llama-7b"), device="cuda")
         print(f"gpu_check: random 7B written in {time.time() - t0:.0f} s", file=sys.stderr)
-        data = write_dataset(tmp / "data.jsonl")
+        data = write_word_text(tmp / "data.jsonl")
         cases = [(1, "", "ddp")] + ([(2, "fsdp-qlora", "fsdp")] if n_gpus >= 2 else [])
         for processes, recipe, strategy in cases:
             r = train_case(model_dir, data, tmp / "runs", args.steps, processes, recipe, args.timeout)

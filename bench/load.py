@@ -3,6 +3,7 @@
     python bench/load.py                     # 10 users, idle app, then 20 users while a run trains (~6 min)
     python bench/load.py --users 10 --no-train
     python bench/load.py --users 20 --turns 2 --new-tokens 32
+    python bench/load.py --api               # the OpenAI-compatible API: 10 clients, vs one, vs in-process, mixed
 
 Starts `app.py` on the bundled model. Each simulated user is its own browser session speaking Gradio's queue
 protocol over HTTP (as the page does): it sends a short question, then a follow-up with the history, and records
@@ -17,18 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from common import QueueClient, app_env, new_session, read_metrics, running_app, table, text_of
 
 QUESTIONS = ["What is your favorite food?", "Tell me about the sea.", "How are you today?", "Do you like music?",
              "What is the capital of France?", "Tell me a joke.", "What do you do for fun?", "Who are you?",
@@ -43,60 +39,38 @@ def pctl(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def text_of(content) -> str:
-    """A chatbot message's text: Gradio 6 sends content as a list of typed parts."""
-    if isinstance(content, list):
-        return "".join(x.get("text", "") for x in content if isinstance(x, dict))
-    return content or ""
-
-
 class Room:
     """The app's chat endpoint called the way the page calls it: one session per user, streamed updates."""
 
     def __init__(self, url: str, new_tokens: int):
-        import httpx
-
         self.url, self.new_tokens = url, new_tokens
-        deps = httpx.get(f"{url}/config", timeout=30).json()["dependencies"]
-        self.fn = next(i for i, d in enumerate(deps) if d.get("api_name") == "chat")
-        self.trigger = deps[self.fn].get("id")
+        self.client = QueueClient(url)
         self.errors: list[str] = []
         self.first: list[float] = []
         self.reply: list[float] = []
         self.texts: list[str] = []
 
     def ask(self, session: str, question: str, history: list) -> list:
-        import httpx
-        from app_overhead import queue_events, shows_a_token
-
         data = ["Base model only", None, "", 0.0, 0.9, self.new_tokens, 0, question, history]
-        t0 = time.time()
-        first, updates = None, 0
-        with httpx.Client(base_url=self.url, timeout=600) as c:
-            for msg in queue_events(c, self.fn, self.trigger, data, session):
-                kind = msg.get("msg")
-                if kind == "process_generating":
-                    updates += 1
-                    if first is None and shows_a_token(msg, updates):
-                        first = time.time() - t0
-                elif kind == "process_completed":
-                    if not msg.get("success"):
-                        self.errors.append(str(msg.get("output", {}).get("error"))[:200])
-                        return history
-                    out = [{"role": m["role"], "content": text_of(m["content"])}
-                           for m in msg["output"]["data"][0]]  # the chatbot: the conversation so far
-                    self.reply.append(time.time() - t0)
-                    if first is not None:
-                        self.first.append(first)
-                    self.texts.append(out[-1]["content"] if out else "")
-                    return out
-        self.errors.append("stream ended without a result")
-        return history
+        first, total, msg = self.client.stream("chat", data, session)
+        if msg is None:
+            self.errors.append("stream ended without a result")
+            return history
+        if not msg.get("success"):
+            self.errors.append(str(msg.get("output", {}).get("error"))[:200])
+            return history
+        out = [{"role": m["role"], "content": text_of(m["content"])}
+               for m in msg["output"]["data"][0]]  # the chatbot: the conversation so far
+        self.reply.append(total)
+        if first is not None:
+            self.first.append(first)
+        self.texts.append(out[-1]["content"] if out else "")
+        return out
 
     def user(self, i: int, turns: int, start: threading.Barrier, until: float = 0.0) -> None:
         """`turns` questions (a first one, then follow-ups with the history); with `until`, starts conversations
         over until that time, so that a training beside the room has enough steps to measure."""
-        session = uuid.uuid4().hex[:12]
+        session = new_session()
         start.wait()
         while True:
             history: list = []
@@ -147,25 +121,16 @@ def scenario(url: str, users: int, turns: int, new_tokens: int, tok, min_seconds
 
 def training_rate(run: Path, since: float, until: float) -> float | None:
     """Trained tokens per second between two wall-clock times, from the run folder's metrics rows."""
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if "loss" in r and since <= r.get("time", 0) <= until]
+    rows = [r for r in read_metrics(run) if "loss" in r and since <= r.get("time", 0) <= until]
     if len(rows) < 3:
         return None
     return statistics.median(r["tokens_per_s"] for r in rows[1:] if r.get("tokens_per_s"))
 
 
 def start_training(url: str, runs: Path, steps: int) -> Path:
-    from app_overhead import queue_stream, upload
-
     from qlora_ui.config import load_preset
-    from qlora_ui.ui.app import FORM_KEYS
-    from qlora_ui.ui.form import form_values
 
-    vals = form_values(load_preset("cpu-quickstart").updated(max_steps=steps, eval_fraction=0.0), FORM_KEYS)
-    vals[FORM_KEYS.index("data_path")] = upload(url, ROOT / "presets" / "data" / "pirate_chat.jsonl")
-    _, _, msg = queue_stream(url, "start_training", vals)
-    if not msg.get("success", True):
-        raise SystemExit(f"start_training failed: {msg.get('output')}")
+    QueueClient(url).start_training(load_preset("cpu-quickstart").updated(max_steps=steps, eval_fraction=0.0))
     t0 = time.time()
     while time.time() - t0 < 180:
         found = [r for r in runs.iterdir() if (r / "metrics.jsonl").is_file()] if runs.exists() else []
@@ -187,21 +152,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-train", action="store_true", help="skip the scenario with a training running")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--api", action="store_true", help="measure the OpenAI-compatible API (/v1) instead: --users "
+                   "API clients vs one, one client vs in-process generation, and half browsers half API clients")
     args = p.parse_args(argv)
-    from app_overhead import start_app
+    if args.api:
+        return api_main(args)
     from transformers import AutoTokenizer
 
     from qlora_ui.modeling import ensure_bundled_model
 
     tok = AutoTokenizer.from_pretrained(str(ensure_bundled_model()))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "CUDA_VISIBLE_DEVICES": ""}
+    env = app_env(CUDA_VISIBLE_DEVICES="")
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="qlora-load-") as work:
         runs = Path(work) / "runs"
-        proc, url, _ = start_app(runs, env)
-        try:
+        with running_app(runs, env) as app:
+            url = app.url
             warm = Room(url, 8)
-            warm.ask(uuid.uuid4().hex[:12], "Hi", [])  # load the chat model once, outside the clock
+            warm.ask(new_session(), "Hi", [])  # load the chat model once, outside the clock
             if warm.errors or not warm.reply:
                 raise SystemExit(f"the warm-up chat failed: {warm.errors}")
             out["alone"] = scenario(url, 1, args.turns, args.new_tokens, tok)
@@ -219,9 +187,6 @@ def main(argv: list[str] | None = None) -> int:
                 out["train_room_tps"] = training_rate(run, t_room, t_end)
                 print(f"{args.train_users} users while training: {out['training']['tokens_per_s']:.1f} tokens/s",
                       flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(60)
     alone, room = out["alone"], out["room"]
     ratio = room["tokens_per_s"] / alone["tokens_per_s"] if alone["tokens_per_s"] else None
     rows = [
@@ -247,11 +212,128 @@ def main(argv: list[str] | None = None) -> int:
              f"{tratio:.2f}x" if tratio else "-", ">= 0.8x", tratio is not None and tratio >= 0.8),
         ]
     print(f"\n{args.turns} turns per user, {args.new_tokens} new tokens at most, greedy, bundled model\n")
-    print("| measure | value | goal | met |\n|---|---|---|---|")
-    for label, value, goal, met in rows:
-        print(f"| {label} | {value} | {goal} | {'' if met is None else 'yes' if met else 'no'} |")
+    print(table(["measure", "value", "goal", "met"], rows))
     for k in ("alone", "room", "training"):
         if k in out and out[k]["errors"]:
+            print(f"{k} errors, e.g.: {out[k]['error_samples']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+# ---- the OpenAI-compatible API (--api) ----
+
+class ApiRoom:
+    """Users of /v1 through the `openai` package, streamed, greedy: the same questions and metrics as Room."""
+
+    def __init__(self, url: str, new_tokens: int):
+        import openai
+
+        from qlora_ui.config import BUNDLED_MODEL
+
+        self.model, self.new_tokens = BUNDLED_MODEL, new_tokens
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        self.errors: list[str] = []
+        self.first: list[float] = []
+        self.reply: list[float] = []
+        self.texts: list[str] = []
+
+    def ask(self, session: str, question: str, history: list) -> list:
+        messages = history + [{"role": "user", "content": question}]
+        t0, first, text = time.time(), None, ""
+        for chunk in self.client.chat.completions.create(model=self.model, messages=messages, stream=True,
+                                                         max_tokens=self.new_tokens, temperature=0, seed=0):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.time() - t0
+                text += chunk.choices[0].delta.content
+        self.reply.append(time.time() - t0)
+        if first is not None:
+            self.first.append(first)
+        self.texts.append(text)
+        return messages + [{"role": "assistant", "content": text.strip()}]
+
+    user = Room.user
+
+
+def rooms_scenario(rooms: list[tuple[Room | ApiRoom, int]], turns: int, tok) -> dict:
+    """Every room's users at once; metrics over all of them, as scenario()."""
+    start = threading.Barrier(sum(n for _, n in rooms))
+    t0 = time.time()
+    threads = [threading.Thread(target=room.user, args=(i, turns, start)) for room, n in rooms for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    first = [x for room, _ in rooms for x in room.first]
+    reply = [x for room, _ in rooms for x in room.reply]
+    errors = [e for room, _ in rooms for e in room.errors]
+    tokens = sum(len(tok(x, add_special_tokens=False)["input_ids"]) for room, _ in rooms for x in room.texts)
+    return {"users": sum(n for _, n in rooms), "requests": len(reply), "errors": len(errors),
+            "error_samples": errors[:3], "first_p50": pctl(first, 0.5), "first_p95": pctl(first, 0.95),
+            "reply_p50": pctl(reply, 0.5), "reply_p95": pctl(reply, 0.95), "wall_s": wall, "tokens": tokens,
+            "tokens_per_s": tokens / wall}
+
+
+def in_process_rate(turns: int, new_tokens: int, tok) -> float:
+    """One user's tokens/s through ChatEngine in this process: the same questions, the same batch server."""
+    from qlora_ui.chat import ChatEngine, GenerationSettings
+    from qlora_ui.config import BUNDLED_MODEL, RunConfig
+
+    engine = ChatEngine()
+    engine.load(RunConfig().updated(base_model=BUNDLED_MODEL))
+    settings = GenerationSettings(temperature=0.0, max_new_tokens=new_tokens, seed=0)
+    engine.reply([{"role": "user", "content": "Hi"}], settings, None)  # warm-up, outside the clock
+    t0, tokens = time.time(), 0
+    history: list = []
+    for t in range(turns):
+        history = history + [{"role": "user", "content": QUESTIONS[0] if t == 0 else FOLLOW_UP}]
+        text = engine.reply(history, settings, None)
+        tokens += len(tok(text, add_special_tokens=False)["input_ids"])
+        history.append({"role": "assistant", "content": text})
+    engine.server.close()
+    return tokens / (time.time() - t0)
+
+
+def api_main(args) -> int:
+    from transformers import AutoTokenizer
+
+    from qlora_ui.modeling import ensure_bundled_model
+
+    tok = AutoTokenizer.from_pretrained(str(ensure_bundled_model()))
+    n, half = args.users, max(1, args.users // 2)
+    out: dict = {"in_process_tps": in_process_rate(args.turns, args.new_tokens, tok)}
+    print(f"in-process, one user: {out['in_process_tps']:.1f} tokens/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="qlora-load-api-") as work:
+        with running_app(Path(work) / "runs", app_env(CUDA_VISIBLE_DEVICES="")) as app:
+            ApiRoom(app.url, 8).ask("", "Hi", [])  # load the chat model once, outside the clock
+            out["alone"] = rooms_scenario([(ApiRoom(app.url, args.new_tokens), 1)], args.turns, tok)
+            print(f"1 API client: {out['alone']['tokens_per_s']:.1f} tokens/s", flush=True)
+            out["room"] = rooms_scenario([(ApiRoom(app.url, args.new_tokens), n)], args.turns, tok)
+            print(f"{n} API clients: {out['room']['tokens_per_s']:.1f} tokens/s", flush=True)
+            out["mixed"] = rooms_scenario([(Room(app.url, args.new_tokens), half),
+                                           (ApiRoom(app.url, args.new_tokens), half)], args.turns, tok)
+            print(f"{half} browsers + {half} API clients: {out['mixed']['tokens_per_s']:.1f} tokens/s", flush=True)
+    alone, room, mixed = out["alone"], out["room"], out["mixed"]
+    ratio = room["tokens_per_s"] / alone["tokens_per_s"] if alone["tokens_per_s"] else None
+    vs = alone["tokens_per_s"] / out["in_process_tps"] if out["in_process_tps"] else None
+    rows = [
+        (f"{n} API clients, idle app: errors", str(room["errors"]), "0", room["errors"] == 0),
+        (f"{n} API clients: first token p50 / p95", f"{fmt(room['first_p50'])} / {fmt(room['first_p95'])}",
+         "p95 <= 2 s", room["first_p95"] is not None and room["first_p95"] <= 2),
+        (f"{n} API clients: aggregate tokens/s vs one", f"{room['tokens_per_s']:.1f} / {alone['tokens_per_s']:.1f}"
+         f" = {ratio:.2f}x" if ratio else "-", ">= 3x", ratio is not None and ratio >= 3),
+        ("one API client vs in-process generation, tokens/s", f"{alone['tokens_per_s']:.1f} / "
+         f"{out['in_process_tps']:.1f} = {vs:.2f}x" if vs else "-", ">= 0.9x", vs is not None and vs >= 0.9),
+        (f"{half} browsers + {half} API clients: errors", str(mixed["errors"]), "0", mixed["errors"] == 0),
+        (f"{half} browsers + {half} API clients: first token p50 / p95",
+         f"{fmt(mixed['first_p50'])} / {fmt(mixed['first_p95'])}", "p95 <= 2 s",
+         mixed["first_p95"] is not None and mixed["first_p95"] <= 2),
+    ]
+    print(f"\n{args.turns} turns per user, {args.new_tokens} new tokens at most, greedy, bundled model\n")
+    print(table(["measure", "value", "goal", "met"], rows))
+    for k in ("alone", "room", "mixed"):
+        if out[k]["errors"]:
             print(f"{k} errors, e.g.: {out[k]['error_samples']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

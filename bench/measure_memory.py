@@ -33,10 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import ROOT, make_random_model, shape_dict
 
 # Random Llama shapes for CPU: the conftest tiny model, a wider one, and a deeper one with a small vocabulary
 # (so the layers, not the logits, dominate).
@@ -62,55 +59,6 @@ CPU_CASES = [  # (model, batch, seq, gradient checkpointing)
 ]
 CUDA_CASES = [("llama-7b", 1, 512, True), ("llama-7b", 4, 512, True), ("llama-7b", 1, 512, False),
               ("llama-13b", 1, 512, True), ("llama-13b", 4, 512, True)]
-
-
-# ---------------------------------------------------------------- building random models
-
-def write_tokenizer(out: Path, vocab: int) -> None:
-    """A word-level tokenizer with `vocab` entries: load_for_training needs one, the step uses random ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, min(vocab, 1000))}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
-        "eos_token": "</s>", "pad_token": "</s>"}))
-
-
-def make_random_model(out: Path, shape: dict, device: str = "cpu") -> Path:
-    """Random bf16 Llama weights of a given shape, saved as a local folder (built on `device` for speed)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape)
-    torch.set_default_dtype(torch.bfloat16)  # never materialize fp32 weights (a 13B model would need 52 GB)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.save_pretrained(out)
-    write_tokenizer(out, cfg.vocab_size)
-    del model
-    if device == "cuda":
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()  # hand the GPU back before the measuring subprocess starts
-    return out
-
-
-def shape_dict(name: str) -> dict:
-    from qlora_ui.memory import resolve_shape
-
-    s = resolve_shape(name)
-    return {"hidden_size": s.hidden, "intermediate_size": s.intermediate, "num_hidden_layers": s.layers,
-            "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "vocab_size": s.vocab,
-            "tie_word_embeddings": s.tie_embeddings}
 
 
 # ---------------------------------------------------------------- one measurement (child process)
@@ -170,8 +118,77 @@ def _malloc_trim() -> None:
         pass
 
 
+class TensorTally:
+    """The allocator's view of a step: bytes of the tensor storages that the step's ops create and that are still
+    alive, and the peak of that sum — independent of glibc's heap and of oneDNN's kernel workspaces (which are
+    not tensors), so the same on every CPU.
+
+    A TorchDispatchMode sees every aten op the step runs (forward, the recomputed forward of gradient
+    checkpointing, backward — on CPU the autograd engine runs it in the calling thread — and the optimizer's
+    ops); each storage an op returns that none of its inputs already held is counted until a weak reference says
+    it was freed. Parameters, quantized weights and the input ids exist before the step and are not counted (an
+    in-place update of a parameter returns the parameter's own storage, which is an input of the op). Tensors
+    allocated inside a custom op's kernel and freed before it returns are not seen: the dispatch mode sees the
+    op's outputs only.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tally = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tally._record(func, args, kwargs, out)
+                return out
+
+        self.mode = _Mode()
+        self.live = 0
+        self.peak = 0
+        self.peak_op = ""
+        self._sizes: dict[int, int] = {}  # storage id -> bytes counted
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    def _record(self, func, args, kwargs, out) -> None:
+        import weakref
+
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not outs:
+            return
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs or {}))
+                  if isinstance(t, torch.Tensor)}
+        for t in outs:
+            st = t.untyped_storage()
+            key = st._cdata
+            if key in inputs and key not in self._sizes:
+                continue  # an input's storage: in place, a view, or out= into memory that existed before
+            n = st.nbytes()
+            old = self._sizes.get(key)
+            if old is None:
+                self._sizes[key] = n
+                weakref.finalize(st, self._freed, key)
+            elif old != n:  # resized in place (out= into an empty tensor)
+                self._sizes[key] = n
+            self.live += n - (old or 0)
+        if self.live > self.peak:
+            self.peak, self.peak_op = self.live, str(func)
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
 def measure_one(model: str, batch: int, seq: int, rank: int, optimizer: str, checkpointing: bool,
-                steps: int, device: str) -> dict:
+                steps: int, device: str, tally: bool = False) -> dict:
     import gc
 
     import torch
@@ -208,7 +225,10 @@ def measure_one(model: str, batch: int, seq: int, rank: int, optimizer: str, che
     losses = []
     # As the app's Trainer does: bf16 autocast around forward + loss on a GPU (bf16=True), none on CPU.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    counter = TensorTally() if tally else None
     for _ in range(steps):
+        if counter is not None:
+            counter.__enter__()
         # Like the Trainer: the model output (and its logits) is dropped before backward.
         with autocast:
             loss = net(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -218,6 +238,8 @@ def measure_one(model: str, batch: int, seq: int, rank: int, optimizer: str, che
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
         del loss
+        if counter is not None:
+            counter.__exit__(None, None, None)
     step_s = (time.time() - t0) / steps
     if device == "cuda":
         torch.cuda.synchronize()
@@ -228,12 +250,17 @@ def measure_one(model: str, batch: int, seq: int, rank: int, optimizer: str, che
         # The kernel's high-water mark is exact, but only tells us about the step if the step raised it.
         peak, how = (maxrss_after, "ru_maxrss") if maxrss_after > maxrss_before else (sampled, "sampled")
     trainable, _ = trainable_parameters(net)
-    return {"model": model, "batch": batch, "seq": seq, "rank": rank, "optimizer": optimizer,
+    extra = {}
+    if counter is not None:
+        gc.collect()
+        # Peak of the live tensors the steps created, and what is left after them: the optimizer state.
+        extra = {"tally_peak_bytes": counter.peak, "tally_end_bytes": counter.live, "tally_peak_op": counter.peak_op}
+    return extra | {"model": model, "batch": batch, "seq": seq, "rank": rank, "optimizer": optimizer,
             "gradient_checkpointing": checkpointing, "steps": steps, "device": device,
             "baseline_bytes": baseline, "peak_bytes": peak, "increase_bytes": peak - baseline, "peak_from": how,
             "footprint_bytes": lm.footprint_bytes, "tensor_bytes": tensor_bytes(net), "trainable": trainable,
             "step_seconds": round(step_s, 2), "losses": losses, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "tally": tally}
 
 
 def tensor_bytes(model) -> int:
@@ -248,13 +275,16 @@ def tensor_bytes(model) -> int:
     return total
 
 
-def run_child(model: str, batch: int, seq: int, checkpointing: bool, args, env: dict | None = None) -> dict:
+def run_child(model: str, batch: int, seq: int, checkpointing: bool, args, env: dict | None = None,
+              tally: bool = False) -> dict:
     """measure_one in a fresh interpreter: peaks of earlier cases and of loading cannot leak in."""
     cmd = [sys.executable, __file__, "--child", "--model", model, "--batch", str(batch), "--seq", str(seq),
            "--rank", str(args.rank), "--optimizer", args.optimizer, "--steps", str(args.steps),
            "--device", args.device, "--threads", str(args.threads)]
     if not checkpointing:
         cmd.append("--no-gradient-checkpointing")
+    if tally:
+        cmd.append("--tally")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
                           check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -267,6 +297,7 @@ def run_child(model: str, batch: int, seq: int, checkpointing: bool, args, env: 
 
 def estimate_for(result: dict, model_for_plan: str) -> dict:
     from qlora_ui.memory import (
+        CPU_RUNTIME_BYTES,
         GB,
         PlanSettings,
         cpu_allocator_slack,
@@ -281,11 +312,14 @@ def estimate_for(result: dict, model_for_plan: str) -> dict:
     step = parts["gradients"] + parts["optimizer"] + parts["activations"]
     static = parts["weights"] + parts["quant_constants"] + parts["adapter"]
     slack = cpu_allocator_slack(shape, s, "qlora") if s.device == "cpu" else 0.0
+    runtime = CPU_RUNTIME_BYTES if s.device == "cpu" else 0.0
+    # est_live: what RSS should show once glibc hands freed memory back; est_tensors: the tensors alone (the
+    # runtime term is memory outside any tensor).
     return {"est_step_gb": step / GB, "est_total_gb": (step + static) / GB, "est_static_gb": static / GB,
-            "est_live_gb": (step - slack) / GB}
+            "est_live_gb": (step - slack) / GB, "est_tensors_gb": (step - slack - runtime) / GB}
 
 
-def row(result: dict, label: str, est: dict, trimmed: dict | None = None) -> dict:
+def row(result: dict, label: str, est: dict, trimmed: dict | None = None, tallied: dict | None = None) -> dict:
     from qlora_ui.memory import GB
 
     meas = result["increase_bytes"] / GB
@@ -299,6 +333,12 @@ def row(result: dict, label: str, est: dict, trimmed: dict | None = None) -> dic
         t = trimmed["increase_bytes"] / GB
         out.update(est_live_gb=round(est["est_live_gb"], 3), measured_trim_gb=round(t, 3),
                    ratio_trim=round(est["est_live_gb"] / t, 2) if t > 0 else None)
+    if tallied is not None:
+        t = tallied["tally_peak_bytes"] / GB
+        out.update(est_tensors_gb=round(est["est_tensors_gb"], 3), measured_tensors_gb=round(t, 3),
+                   ratio_tensors=round(est["est_tensors_gb"] / t, 3) if t > 0 else None,
+                   tensors_after_gb=round(tallied["tally_end_bytes"] / GB, 4),
+                   tensors_peak_op=tallied["tally_peak_op"])
     if result["device"] == "cuda":
         out["est_total_gb"] = round(est["est_total_gb"], 3)
         out["measured_peak_gb"] = round(result["peak_bytes"] / GB, 3)
@@ -316,8 +356,10 @@ def print_table(rows: list[dict], device: str) -> None:
                   f"{r['ratio']} |")
         return
     trim = "measured_trim_gb" in rows[0]
+    tens = "measured_tensors_gb" in rows[0]
     head = ("| case | batch x seq | ckpt | estimate GB | measured GB | est/meas |"
             + (" estimate, no heap slack GB | measured, heap trimmed GB | est/meas |" if trim else "")
+            + (" estimate, tensors GB | measured, live tensors GB | est/meas |" if tens else "")
             + " loaded: estimate GB | loaded: tensors GB | s/step |")
     print(head)
     print("|" + "---|" * head.count(" |"))
@@ -328,6 +370,8 @@ def print_table(rows: list[dict], device: str) -> None:
                 f"{r['est_step_gb']:.3f} | {r['measured_step_gb']:.3f}{mark} | {r['ratio']} |")
         if trim:
             line += f" {r['est_live_gb']:.3f} | {r['measured_trim_gb']:.3f} | {r['ratio_trim']} |"
+        if tens:
+            line += f" {r['est_tensors_gb']:.3f} | {r['measured_tensors_gb']:.3f} | {r['ratio_tensors']} |"
         line += f" {r['est_static_gb']:.3f} | {r['tensor_gb']:.3f} | {r['step_seconds']} |"
         print(line)
 
@@ -352,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU: measure each case a second time with MALLOC_TRIM_THRESHOLD_=131072, so glibc gives "
                     "freed heap back and RSS follows the live tensors (compared with the estimate minus its "
                     "allocator slack)")
+    ap.add_argument("--tensors", action="store_true",
+                    help="CPU: measure each case once more with a tally of the live tensors the step creates (a "
+                    "TorchDispatchMode; peak over the steps), compared with the estimate minus its allocator "
+                    "slack and runtime terms: the allocator's view, the same on every CPU")
+    ap.add_argument("--tally", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help="where random models are written (default: a temp folder)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -363,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         res = measure_one(args.model, args.batch, args.seq, args.rank, args.optimizer, args.gradient_checkpointing,
-                          args.steps, args.device)
+                          args.steps, args.device, tally=args.tally)
         print(json.dumps(res))
         return 0
 
@@ -398,8 +447,11 @@ def main(argv: list[str] | None = None) -> int:
             trimmed = None
             if args.also_trim and args.device == "cpu":
                 trimmed = run_child(built[name], batch, seq, ckpt, args, env={"MALLOC_TRIM_THRESHOLD_": "131072"})
+            tallied = None
+            if args.tensors and args.device == "cpu":
+                tallied = run_child(built[name], batch, seq, ckpt, args, tally=True)
             plan_name = built[name] if name in TINY else name
-            r = row(res, name, estimate_for(res, plan_name), trimmed)
+            r = row(res, name, estimate_for(res, plan_name), trimmed, tallied)
             rows.append(r)
             if args.json:
                 print(json.dumps(r | {"raw": res}), flush=True)

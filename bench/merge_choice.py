@@ -14,13 +14,9 @@ Runs in about a minute on 2 CPU cores for the bundled model.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: F401 - the repository root on sys.path, offline
 
 
 def held_out(run, tok, n: int):

@@ -15,7 +15,6 @@ Run it alone: two CPU-heavy jobs on 2 cores slow each other 15-30x.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -23,12 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import CLI, ROOT, read_metrics
+
 SKIP = 3  # warm-up steps left out of the tokens/s median
 
 
 def run(preset: str, steps: int, processes: int, batch: int, runs_dir: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "qlora_ui", "train", "--preset", preset, "--max-steps", str(steps),
+    cmd = [*CLI, "train", "--preset", preset, "--max-steps", str(steps),
            "--processes", str(processes), "--batch-size", str(batch), "--runs-dir", str(runs_dir),
            "--group-by-length", "false", "--lora-dropout", "0", "--eval-fraction", "0",
            "--save-steps", str(steps), "--quiet", *extra]
@@ -38,7 +38,7 @@ def run(preset: str, steps: int, processes: int, batch: int, runs_dir: Path, ext
     if res.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
     [run_dir] = [p for p in runs_dir.iterdir() if (p / "metrics.jsonl").is_file()]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     loss = [r for r in rows if r.get("loss") is not None]
     tps = [r["tokens_per_s"] for r in loss[SKIP:] if r.get("tokens_per_s")]
     rss = max(r.get("rss_gb", 0) for r in rows)

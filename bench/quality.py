@@ -40,10 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from common import ROOT, table
+
 # Sleep, not spin, while waiting at OpenMP barriers (set before torch loads libgomp): on a CPU shared with other
 # jobs a spinning thread burns the timeslice its partner needs, and a step took 40 s instead of 1.5 s here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -155,7 +153,7 @@ def _adapter_trained(adapter_dir: Path) -> bool:
 
 
 def train_variant(base: RunConfig, v: Variant, *, eval_on_start: bool = True) -> VariantResult:
-    from qlora_ui.training import TrainingJob
+    from qlora_ui.jobs import create_job
 
     cfg = base.updated(name=f"quality-{v.key}", **v.overrides)
     if v.steps_factor != 1:
@@ -163,7 +161,7 @@ def train_variant(base: RunConfig, v: Variant, *, eval_on_start: bool = True) ->
     record: dict[str, Any] = {}
     log.info("training %s: %d steps", v.label, cfg.training.max_steps)
     t0 = time.time()
-    job = TrainingJob(cfg, extra_callbacks=[_probe_callback(record, eval_on_start)])
+    job = create_job(cfg, extra_callbacks=[_probe_callback(record, eval_on_start)])
     if job.run_blocking() != "finished":
         raise RuntimeError(f"{v.label} did not finish: {job.error_message}")
     seconds = time.time() - t0
@@ -267,28 +265,14 @@ def loftq_table(e: dict[str, Any], markdown: bool = False) -> str:
     m = e["mean"]
     body.append(["mean of all", str(e["n_layers"]), f"{m['nf4_dq']:.4f}", f"{m['loftq']:.4f}",
                  f"{m['loftq'] / m['nf4_dq']:.3f}"])
-    return _table(head, body, markdown)
-
-
-def _met(m: bool | None) -> str:
-    return "-" if m is None else ("yes" if m else "NO")
+    return table(head, body, "markdown" if markdown else "grid")
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     head = ["variant", "eval loss", "ratio to 16-bit", "goal", "met"]
     body = [[r["variant"], f"{r['eval_loss']:.4f}", f"{r['ratio']:.4f} ({r['pct_vs_16bit']:+.2f}%)", r["goal"],
-             _met(r["met"])] for r in rows]
-    return _table(head, body, markdown)
-
-
-def _table(head: list[str], body: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head), "-+-".join("-" * w for w in widths)] + [fmt.format(*row) for row in body])
+             r["met"]] for r in rows]
+    return table(head, body, "markdown" if markdown else "grid", no="NO", unmeasured="-")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -495,7 +479,7 @@ def style_table(style: dict[str, Any], markdown: bool = False) -> str:
              f"{s['pirate_words_per_100']:.1f}"]
             for who, s in (("base", style["base"]), ("adapter", style["adapter"]),
                            ("dataset reference", style["reference"]))]
-    return _table(head, body, markdown)
+    return table(head, body, "markdown" if markdown else "grid")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,14 +518,14 @@ def detail_table(results: list[VariantResult], markdown: bool = False) -> str:
     head = ["variant", "eval loss at step 0 (base)", "final train loss (last 5)", "base footprint MB", "train s"]
     body = [[r.label, _f(r.extra.get("base_eval_loss")), _f(r.extra.get("final_train_loss")),
              f"{r.footprint_mb:.0f}", f"{r.train_seconds:.0f}"] for r in results]
-    return _table(head, body, markdown)
+    return table(head, body, "markdown" if markdown else "grid")
 
 
 def detail_table_from(out: dict[str, Any]) -> str:
     head = ["variant", "eval loss at step 0 (base)", "final train loss (last 5)", "train s"]
     body = [[v["label"], _f(v.get("base_eval_loss")), _f(v.get("final_train_loss")), f"{v['train_seconds']:.0f}"]
             for v in out["variants"]]
-    return _table(head, body, False)
+    return table(head, body, "grid")
 
 
 def _f(x: float | None) -> str:
@@ -557,7 +541,7 @@ def weight_tables(w: dict[str, Any], markdown: bool = False) -> str:
                  f"{m['fp4_dq']:.4f}", f"{m['fp4'] / m['nf4']:.2f}"])
     body.append(["Gaussian 1536x576", "1", f"{g['nf4']:.4f}", f"{g['nf4_dq']:.4f}", f"{g['fp4']:.4f}",
                  f"{g['fp4_dq']:.4f}", f"{g['fp4'] / g['nf4']:.2f}"])
-    return _table(head, body, markdown)
+    return table(head, body, "markdown" if markdown else "grid")
 
 
 def kl_table(kl: dict[str, Any], markdown: bool = False) -> str:
@@ -566,7 +550,7 @@ def kl_table(kl: dict[str, Any], markdown: bool = False) -> str:
     names = {"bf16": "bf16", "nf4_dq": "NF4 + DQ", "fp4": "FP4", "nf4": "NF4"}
     body = [[names[s]] + [f"{v[f'kl_{p}']:.4f}" for p in KL_PARTS] +
             [f"{v['nll_response']:.4f}", f"{v['top1_agree_text']:.1%}"] for s, v in kl["models"].items()]
-    return _table(head, body, markdown)
+    return table(head, body, "markdown" if markdown else "grid")
 
 
 def base_config(args) -> RunConfig:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -30,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import PIRATE_DATA, ROOT, chatterbot_alpaca_rows, meets, table
 
 GOALS = {"tokens_per_s": (">=", 1.5), "peak_rss": ("<=", 1.0), "last_loss": ("within", 0.02)}
 # Second table: each side's own defaults. The plain script as the QLoRA examples write it (batch 4, cutoff 512,
@@ -40,33 +38,6 @@ GOALS = {"tokens_per_s": (">=", 1.5), "peak_rss": ("<=", 1.0), "last_loss": ("wi
 BASELINE_DEFAULTS = {"batch": 4, "cutoff": 512, "r": 8, "alpha": 16, "dropout": 0.05, "lr": 2e-4,
                      "gradient_checkpointing": True}
 DEFAULTS_GOALS = {"tokens_per_s": (">=", 2.0), "peak_rss": ("<=", 1.0)}
-
-
-# ---------------------------------------------------------------- data
-
-def make_alpaca_rows(n: int, seed: int = 0) -> list[dict]:
-    """Alpaca rows from chatterbot-corpus Q/A pairs (BSD), several pairs per row so lengths spread from about
-    100 to 450 tokens, as real instruction data does."""
-    import importlib.util
-
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    root = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
-    pairs = []
-    for f in sorted(root.glob("*.yml")):
-        for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
-            if len(conv) >= 2 and all(isinstance(x, str) for x in conv[:2]):
-                pairs.append((conv[0].strip(), conv[1].strip()))
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        k = rng.choice([2, 3, 4, 6, 8, 10, 12])
-        picked = rng.sample(pairs, k)
-        rows.append({"instruction": "Answer each of these questions in turn.\n" +
-                     "\n".join(f"{i + 1}. {q}" for i, (q, _) in enumerate(picked)),
-                     "input": "", "output": "\n".join(f"{i + 1}. {a}" for i, (_, a) in enumerate(picked))})
-    return rows
 
 
 # ---------------------------------------------------------------- children
@@ -158,7 +129,7 @@ def run_ours(spec: dict) -> dict:
     import torch
 
     from qlora_ui.config import RunConfig
-    from qlora_ui.training import TrainingJob
+    from qlora_ui.jobs import create_job
 
     if spec.get("preset"):  # the project's own defaults: the preset as a user starts it, no eval or saving
         from qlora_ui.config import load_preset
@@ -178,7 +149,7 @@ def run_ours(spec: dict) -> dict:
             **{k: v for k, v in spec.get("ours", {}).items()})
     torch.manual_seed(spec["seed"])
     timer = StepTimer()
-    job = TrainingJob(cfg, extra_callbacks=[timer])
+    job = create_job(cfg, extra_callbacks=[timer])
     t0 = [None]
 
     class Start:  # the clock starts when training starts, as the baseline's does (not at model load)
@@ -265,15 +236,7 @@ def train_flops_per_token(model: str) -> float:
     return 6 * per_layer * n_layers
 
 
-def verdict(metric: str, ratio: float | None, goals: dict | None = None) -> str:
-    if ratio is None:
-        return "–"
-    op, goal = (goals or GOALS)[metric]
-    ok = ratio >= goal if op == ">=" else ratio <= goal if op == "<=" else abs(ratio - 1) <= goal
-    return "yes" if ok else "no"
-
-
-def table(base: dict, ours: dict, title: str, goals: dict | None = None, compare_loss: bool = True) -> str:
+def table_md(base: dict, ours: dict, title: str, goals: dict | None = None, compare_loss: bool = True) -> str:
     goals = goals or GOALS
     rows = [("median s/step", "median_s_per_step", None), ("non-padding tokens/s", "tokens_per_s", "tokens_per_s"),
             ("peak RSS GB", "peak_rss_gb", "peak_rss"), ("loss at the last step", "last_loss", "last_loss")]
@@ -282,15 +245,17 @@ def table(base: dict, ours: dict, title: str, goals: dict | None = None, compare
     goal_text = {k: (f"within ±{g:.0%}" if op == "within" else f"{op} {g}x") for k, (op, g) in goals.items()}
     if not compare_loss:
         rows = [(label, key, goal if goal != "last_loss" else None) for label, key, goal in rows]
-    out = [f"### {title}", "", "| measure | baseline | ours | ours / baseline | goal | met |",
-           "|---|---|---|---|---|---|"]
+    body = []
     for label, key, goal in rows:
         b, o = base.get(key), ours.get(key)
-        ratio = o / b if (b and o is not None) else None
-        out.append(f"| {label} | {b:.3f} | {o:.3f} | {ratio:.2f}x | {goal_text.get(goal, '')} | "
-                   f"{verdict(goal, ratio, goals) if goal else ''} |" if b is not None and o is not None else
-                   f"| {label} | {b} | {o} | – | | |")
-    return "\n".join(out)
+        if b is None or o is None:
+            body.append((label, str(b), str(o), "–", "", ""))
+            continue
+        ratio = o / b if b else None
+        met = meets(ratio, *goals[goal]) if goal else ""
+        body.append((label, f"{b:.3f}", f"{o:.3f}", f"{ratio:.2f}x", goal_text.get(goal, ""), met))
+    head = ["measure", "baseline", "ours", "ours / baseline", "goal", "met"]
+    return f"### {title}\n\n" + table(head, body, unmeasured="–")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qlora-speed-") as work:
         data = Path(args.data) if args.data else Path(work) / "alpaca300.json"
         if not args.data:
-            data.write_text(json.dumps(make_alpaca_rows(300)))
+            data.write_text(json.dumps(chatterbot_alpaca_rows(300)))
         rows = prepared_rows(data, model, args.cutoff, seed=42)
         (Path(work) / "rows.json").write_text(json.dumps(rows))
         lengths = sorted(len(r["input_ids"]) for r in rows)
@@ -342,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             parts[name] = run_child("ours", {**spec, "ours": off})
             print(f"ours {name}: {parts[name]['median_s_per_step']:.2f} s/step", flush=True)
         # Second table: each side as its user would start it, on the bundled pirate data.
-        pirate = ROOT / "presets" / "data" / "pirate_chat.jsonl"
+        pirate = PIRATE_DATA
         (Path(work) / "pirate-rows.json").write_text(json.dumps(prepared_rows(pirate, model, 512, seed=42)))
         base_spec = {**spec, **BASELINE_DEFAULTS, "data": str(pirate), "rows": str(Path(work) / "pirate-rows.json")}
         base_def = run_child("baseline", base_spec)
@@ -350,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         ours_def = run_child("ours", {**spec, "data": str(pirate), "preset": "cpu-quickstart"})
         print(f"ours, cpu-quickstart: {ours_def['median_s_per_step']:.2f} s/step", flush=True)
     print()
-    print(table(base, ours, "Same hyperparameters: ours vs the plain Trainer + peft + bitsandbytes script"))
+    print(table_md(base, ours, "Same hyperparameters: ours vs the plain Trainer + peft + bitsandbytes script"))
     print()
-    print(table(base_def, ours_def, "Each side's defaults on the pirate data: ours (cpu-quickstart preset) vs the "
+    print(table_md(base_def, ours_def, "Each side's defaults on the pirate data: ours (cpu-quickstart preset) vs the "
                                     "plain script (" + ", ".join(f"{k} {v}" for k, v in BASELINE_DEFAULTS.items())
                                     + ")", goals=DEFAULTS_GOALS, compare_loss=False))
     if parts:

@@ -10,11 +10,12 @@ Reading a file needs only PyYAML: the UI lists the recipes without importing acc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import yaml
 
-from .config import PRESETS_DIR, ConfigError, QuantConfig
+from .errors import ConfigError
+from .paths import PRESETS_DIR
 
 ACCELERATE_DIR = PRESETS_DIR / "accelerate"
 
@@ -24,6 +25,15 @@ Strategy = Literal["ddp", "fsdp", "deepspeed"]
 _STRATEGY_OF_TYPE: dict[str, Strategy] = {"NO": "ddp", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "FSDP": "fsdp",
                                           "DEEPSPEED": "deepspeed"}
 SHARDED: tuple[Strategy, ...] = ("fsdp", "deepspeed")
+
+
+class QuantSettings(Protocol):
+    """What the checks read of a config.QuantConfig (config.py validates through this module, so this module
+    does not import it)."""
+
+    load_in_4bit: bool
+    compute_dtype: str
+    quant_storage: str
 
 
 def list_accelerate_configs() -> list[str]:
@@ -81,14 +91,14 @@ def quant_storage_for(strategy: str, compute_dtype: str) -> str:
     return compute_dtype if strategy in SHARDED else "uint8"
 
 
-def fsdp_needs_quant_storage(q: QuantConfig, strategy: str) -> bool:
+def fsdp_needs_quant_storage(q: QuantSettings, strategy: str) -> bool:
     """True when this quantization config cannot be sharded as it is (4-bit with a storage dtype that is not
     the compute dtype)."""
     return strategy in SHARDED and q.load_in_4bit and q.quant_storage != quant_storage_for(strategy,
                                                                                           q.compute_dtype)
 
 
-def check_quant_for_strategy(q: QuantConfig, name: str) -> list[str]:
+def check_quant_for_strategy(q: QuantSettings, name: str) -> list[str]:
     """Problems (one line each) running this quantization config under the recipe `name`; empty when fine."""
     strategy = strategy_of(name)
     if not fsdp_needs_quant_storage(q, strategy):

@@ -2,7 +2,8 @@
 
 The chat model is its own instance and is never trained: on CPU, bitsandbytes repacks 4-bit weights
 for inference on the first no-grad generate(), after which LoRA gradients silently come back None.
-`mark_generated` tags every model that generated; `modeling.prepare_for_training` refuses such a model.
+The batch server tags every model that generated (`modeling.mark_generated`); `modeling.prepare_for_training`
+refuses such a model.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig, QuantConfig, RunConfig
+from .errors import ChatError
+from .serving import BatchServer, Request
 
 log = logging.getLogger(__name__)
 
-GENERATED_FLAG = "_qlora_studio_generated"
 # Prompt tokens one chat request may send. Prompt time grows with the square of its length on a CPU (a 1 MB
 # message held the app for minutes); the oldest turns are dropped first, a single message over it is refused.
 MAX_PROMPT_TOKENS = 2048
@@ -32,10 +34,6 @@ class Waiting(str):
         obj = super().__new__(cls, f"⏳ Waiting for the model: you are number {position} in line.")
         obj.position = position
         return obj
-
-
-def mark_generated(model) -> None:
-    setattr(model, GENERATED_FLAG, True)
 
 
 @dataclass
@@ -76,8 +74,6 @@ class ChatEngine:
         self.tokenizer = None
         self.adapters: dict[str, str] = {}  # adapter name -> path
         self.dora: set[str] = set()  # adapter names that use DoRA (peft cannot mix them with others in a batch)
-        from .serving import BatchServer
-
         self.server = BatchServer(self)
 
     def _ensure_base(self, m: ModelConfig, q: QuantConfig, plain_layout: bool = False) -> None:
@@ -103,6 +99,21 @@ class ChatEngine:
 
     def load(self, cfg: RunConfig, adapter_path: str | Path | None = None) -> str | None:
         """Make sure the base of `cfg` is loaded and the adapter (if any) attached; returns the adapter name."""
+        # Already loaded (the usual case): answered without the lock, which the batch being decoded holds for a
+        # whole reply. Waiting for it, a new request could not queue, hear its place in line or that the chat is
+        # busy: it sat silent until the reply before it ended (issue 24, security 6a).
+        from .modeling import resolve_model_path
+
+        q, key, adapters = cfg.quantization, self.key, dict(self.adapters)
+        dora = adapter_path is not None and uses_dora(adapter_path)
+        want = (resolve_model_path(cfg.model), q.load_in_4bit, q.quant_type, q.double_quant, q.compute_dtype)
+        if key is not None and key[:5] == want and (key[5] or not dora):
+            if adapter_path is None:
+                return None
+            resolved = str(Path(adapter_path).resolve())
+            for name, p in adapters.items():
+                if p == resolved:
+                    return name
         with self.lock:
             dora = adapter_path is not None and uses_dora(adapter_path)
             self._ensure_base(cfg.model, cfg.quantization, plain_layout=dora)
@@ -128,14 +139,13 @@ class ChatEngine:
     def _prompt_ids(self, messages: list[dict], settings: GenerationSettings, max_tokens: int | None = None):
         """Token ids of the rendered conversation, cut to fit: the oldest turns go first; a last message that
         cannot fit on its own is refused with its size and the limit."""
-        from .config import ConfigError
         from .data import render_chat  # the same rendering (and fallback template) as training
 
         msgs = list(messages)
         for m in msgs:
             if len(m.get("content") or "") > MAX_MESSAGE_CHARS:
-                raise ConfigError([f"Message: {len(m['content']):,} characters is too long; the limit is "
-                                   f"{MAX_MESSAGE_CHARS:,}. Send a shorter message."])
+                raise ChatError(f"Message: {len(m['content']):,} characters is too long; the limit is "
+                                f"{MAX_MESSAGE_CHARS:,}. Send a shorter message.")
         system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt and not any(
             m["role"] == "system" for m in msgs) else []
         budget = self.prompt_budget(settings) if max_tokens is None else max_tokens
@@ -147,8 +157,8 @@ class ChatEngine:
                 return inputs
             turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
             if len(turns) <= 1:
-                raise ConfigError([f"Message: {n:,} tokens with the chat template is more than this chat "
-                                   f"accepts ({budget:,}, leaving room for the reply). Send a shorter message."])
+                raise ChatError(f"Message: {n:,} tokens with the chat template is more than this chat "
+                                f"accepts ({budget:,}, leaving room for the reply). Send a shorter message.")
             # Drop the oldest user/assistant pair (or the oldest turn), never the newest message.
             drop = turns[:2] if len(turns) > 2 else turns[:1]
             msgs = [m for i, m in enumerate(msgs) if i not in drop]
@@ -166,8 +176,6 @@ class ChatEngine:
         reply. Closing the stream (a browser that left) takes the request out of its batch at the next token.
         `session` allows one request at a time per browser session (`ChatBusy` otherwise).
         """
-        from .serving import Request
-
         inputs = self._prompt_ids(messages, settings)
         req = Request(ids=inputs["input_ids"][0].tolist(), temperature=float(settings.temperature),
                       top_p=float(settings.top_p), max_new_tokens=int(settings.max_new_tokens),

@@ -3,6 +3,10 @@
 Same contract as ChatEngine.stream: yields the growing reply text, takes the same GenerationSettings, stops
 generating when its reader goes away, and holds its lock only inside the generation thread, never across a yield.
 The prompt is rendered by the chat template stored in the GGUF (the model's own, written by the converter).
+
+llama.cpp itself runs in a child process (native/worker.py), one per loaded GGUF, kept warm: a fault there ends the
+reply in progress with `BackendStopped` (the caller answers with transformers instead), never the app, and the next
+request starts a new child.
 """
 
 from __future__ import annotations
@@ -14,50 +18,70 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .chat import MAX_MESSAGE_CHARS, MAX_PROMPT_TOKENS, GenerationSettings
-from .config import ConfigError
+from .errors import ChatError
+from .native.client import BackendStopped, LlamaCppProcess, probe
 
 log = logging.getLogger(__name__)
 
 N_CTX = MAX_PROMPT_TOKENS + 1024
 
+__all__ = ("BackendStopped", "LlamaCppEngine")  # BackendStopped: callers catch it from here
+
 
 class LlamaCppEngine:
-    """One loaded GGUF at a time; generation is serialised by a lock."""
+    """One loaded GGUF at a time, in its own child process; generation is serialised by a lock."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.path: str | None = None
-        self.llm = None
+        self.child: LlamaCppProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child else None
 
     def load(self, gguf: str | Path) -> None:
+        """Have `gguf` loaded in a live child: start one if none runs, the last one crashed or held another file.
+        Raises BackendStopped when llama.cpp cannot run here (the probe says why) or the child dies loading."""
         from .export import ExportError, _require_llama_cpp
 
         gguf = str(Path(gguf).resolve())
         if not Path(gguf).is_file():
             raise ExportError(f"{Path(gguf).name} does not exist; export the run to GGUF first (Runs tab, Export).")
         _require_llama_cpp()
+        ok, why = probe()
+        if not ok:
+            raise BackendStopped(f"llama.cpp does not run on this machine: {why}")
         with self.lock:
-            if self.path == gguf:
+            if self.path == gguf and self.child is not None and self.child.alive():
                 return
-            from llama_cpp import Llama
+            if self.child is not None:
+                self.child.close()
+                self.child, self.path = None, None
+            log.info("loading GGUF %s for chat in a llama.cpp child process", gguf)
+            child = LlamaCppProcess(gguf, n_ctx=N_CTX)
+            child.start()
+            self.child, self.path = child, gguf
 
-            log.info("loading GGUF %s for chat", gguf)
-            self.llm = Llama(model_path=gguf, n_ctx=N_CTX, verbose=False, seed=0)
-            self.path = gguf
+    def close(self) -> None:
+        with self.lock:
+            if self.child is not None:
+                self.child.close()
+            self.child, self.path = None, None
 
     def _messages(self, messages: list[dict], settings: GenerationSettings) -> list[dict]:
         for m in messages:
             if len(m.get("content") or "") > MAX_MESSAGE_CHARS:
-                raise ConfigError([f"Message: {len(m['content']):,} characters is too long; the limit is "
-                                   f"{MAX_MESSAGE_CHARS:,}. Send a shorter message."])
+                raise ChatError(f"Message: {len(m['content']):,} characters is too long; the limit is "
+                                f"{MAX_MESSAGE_CHARS:,}. Send a shorter message.")
         msgs = list(messages)
         if settings.system_prompt and not any(m["role"] == "system" for m in msgs):
             msgs = [{"role": "system", "content": settings.system_prompt}] + msgs
         return msgs
 
     def stream(self, messages: list[dict], settings: GenerationSettings, threads: int | None = None) -> Iterator[str]:
-        if self.llm is None:
-            raise ConfigError(["No GGUF is loaded for the llama.cpp backend. Export the run to GGUF first."])
+        if self.path is None:
+            raise ChatError("No GGUF is loaded for the llama.cpp backend. Export the run to GGUF first.")
         msgs = self._messages(messages, settings)
         pieces: queue.Queue = queue.Queue()
         cancelled = threading.Event()
@@ -66,21 +90,24 @@ class LlamaCppEngine:
         def work():
             try:
                 with self.lock:
-                    llm = self.llm
-                    if threads:
-                        llm.set_n_threads(threads, threads) if hasattr(llm, "set_n_threads") else None
-                    greedy = settings.temperature <= 0
-                    out = llm.create_chat_completion(
-                        messages=msgs, stream=True, max_tokens=int(settings.max_new_tokens),
-                        temperature=0.0 if greedy else float(settings.temperature),
-                        top_p=1.0 if greedy else float(settings.top_p), top_k=1 if greedy else 40,
-                        seed=int(settings.seed))
-                    for chunk in out:
-                        if cancelled.is_set():
-                            break  # the reader left: stop generating for nobody
-                        delta = chunk["choices"][0].get("delta", {}).get("content")
-                        if delta:
-                            pieces.put(delta)
+                    if self.child is None or not self.child.alive():
+                        # The last child crashed or was closed: the next request starts a new one.
+                        path, self.path = self.path, None
+                        self.child = LlamaCppProcess(path, n_ctx=N_CTX)
+                        self.child.start()
+                        self.path = path
+                    answers = self.child.request(
+                        "chat", messages=msgs, max_tokens=int(settings.max_new_tokens),
+                        temperature=float(settings.temperature), top_p=float(settings.top_p), top_k=40,
+                        seed=int(settings.seed), threads=int(threads or 0))
+                    try:
+                        for msg in answers:
+                            if cancelled.is_set():
+                                break  # the reader left: closing the request cancels it in the child
+                            if msg.get("delta"):
+                                pieces.put(msg["delta"])
+                    finally:
+                        answers.close()
             except BaseException as e:  # noqa: BLE001 - handed to the reader's thread below
                 pieces.put(e)
             finally:

@@ -1,7 +1,7 @@
-"""`python -m qlora_ui <command>`: train, runs, chat, export, check-data, plan.
+"""`python -m qlora_ui <command>`: train, runs, chat, export, serve, check-data, plan.
 
-User errors (bad settings, bad files, missing models) print one readable paragraph and exit with code 2;
-they never show a traceback.
+User errors (errors.UserError: bad settings, bad files, missing models, runs that cannot resume) print one readable
+paragraph and exit with code 2; they never show a traceback.
 """
 
 from __future__ import annotations
@@ -12,23 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, add_cli_flags, apply_cli_flags, list_presets, load_preset
+from .config import RunConfig, add_cli_flags, apply_cli_flags, list_presets, load_preset
+from .errors import UserError
 
 USER_ERROR = 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .export import ExportError
-    from .modeling import ModelError
-
-    errs: list[type[BaseException]] = [ConfigError, ModelError, ExportError]
-    try:
-        from .data import DataError
-
-        errs.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errs)
 
 
 def fail(msg: str) -> int:
@@ -63,9 +50,9 @@ def build_config(args) -> RunConfig:
 
 
 def train_main(args) -> int:
-    from .launch import batch_sentence, job_for
+    from .jobs import RESUME_OVERRIDES, create_job, resume_job
+    from .launch import batch_sentence
     from .runs import open_run
-    from .training import RESUME_OVERRIDES
 
     if args.resume:
         run = open_run(args.resume)
@@ -76,10 +63,9 @@ def train_main(args) -> int:
         # --batch-size, --grad-accum resume it with another number of processes or a smaller batch.
         extend = getattr(args, "cfg__max_steps", None)
         overrides = {k: getattr(args, f"cfg__{k}", None) for k in RESUME_OVERRIDES}
-        job = job_for(run=run, resume=True, extend_to=int(float(extend)) if extend is not None else None,
-                      overrides=overrides)
+        job = resume_job(run, extend_to=int(float(extend)) if extend is not None else None, overrides=overrides)
     else:
-        job = job_for(build_config(args))
+        job = create_job(build_config(args))
     print(f"run folder: {job.run.path}", file=sys.stderr)
     if job.cfg.training.processes > 1:
         print(f"{job.cfg.training.processes} processes through accelerate, {batch_sentence(job.cfg.training)}",
@@ -97,7 +83,7 @@ def train_main(args) -> int:
             bar.close()
     if state == "failed":
         # The job has logged its message and hint to stderr once; the traceback went to train.log only.
-        return USER_ERROR if isinstance(job.error, _user_errors()) else 1
+        return USER_ERROR if isinstance(job.error, UserError) else 1
     print(f"{state}: adapter in {job.run.adapter_dir}", file=sys.stderr)
     return 0
 
@@ -233,6 +219,77 @@ def export_main(args) -> int:
     return 0
 
 
+# ---- serve ----
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="The OpenAI-compatible API (/v1) alone, without the browser page.",
+                       description="Serve runs' adapters and their base models through the OpenAI-compatible API "
+                                   "(GET /v1/models, POST /v1/chat/completions, POST /v1/completions), from one "
+                                   "loaded 4-bit base through the app's batch server. See docs/api.md.")
+    p.add_argument("--run", action="append", default=None, metavar="RUN",
+                   help="A run (folder name in --runs-dir, or its path) to serve; repeatable. Default: every run "
+                        "with an adapter.")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1: this machine only).")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, metavar="KEY", help="Key clients send as 'Authorization: Bearer "
+                   "KEY'. Required with a non-local --host.")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="One key per line (chmod 600).")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="Another host name clients reach this server by (a reverse proxy's; repeatable).")
+    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="Folder whose model subfolders runs may use as their base (repeatable). Default: any.")
+    p.add_argument("--chat-max-new-tokens", type=int, default=None, metavar="N",
+                   help="Longest reply in tokens (default 256 with a non-local --host, else 1024).")
+    p.add_argument("--chat-max-waiting", type=int, default=32, metavar="N")
+    p.add_argument("--chat-max-batch", type=int, default=16, metavar="N")
+    p.set_defaults(func=serve_main)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_main(args) -> int:
+    import socket
+
+    from .api import Models, read_api_keys, serve
+    from .studio import Studio
+
+    try:
+        keys = read_api_keys(args.api_key, args.api_key_file)
+    except (ValueError, OSError) as e:
+        return fail(str(e))
+    exposed = not _loopback(args.host)
+    if exposed and not keys:
+        return fail(f"--host {args.host} makes the API reachable from other machines. Add --api-key KEY (or "
+                    "--api-key-file), or keep the default --host 127.0.0.1.")
+    studio = Studio(args.runs_dir, model_roots=args.model_root or None,
+                    chat_max_new_tokens=args.chat_max_new_tokens or (256 if exposed else None),
+                    chat_max_waiting=args.chat_max_waiting, chat_max_batch=args.chat_max_batch)
+    runs = [studio.open(r).name for r in args.run] if args.run else None
+    targets = Models(studio, runs).all()
+    adapters = [t for t in targets if t.adapter is not None]
+    if runs and len(adapters) < len(runs):
+        missing = sorted(set(runs) - {t.id for t in adapters})
+        return fail(f"{', '.join(missing)}: no saved adapter yet (a run saves one at each checkpoint and when it "
+                    "stops or finishes).")
+    first = adapters[0] if adapters else targets[0]
+    print(f"loading {first.id} ...", file=sys.stderr, flush=True)
+    studio.check_model(first.cfg.model)
+    studio.chat.load(first.cfg, first.adapter)  # the first request should not wait for the base to load
+    names = [args.host, *args.allowed_host] + ([socket.gethostname(), socket.getfqdn()] if exposed else [])
+    print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1 serving: "
+          f"{', '.join(t.id for t in targets)}", file=sys.stderr, flush=True)
+    serve(studio, args.host, args.port, keys, exposed, names, runs)
+    return 0
+
+
 # ---- main ----
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runs_parser(sub)
     add_chat_parser(sub)
     add_export_parser(sub)
+    add_serve_parser(sub)
     try:
         from .data import add_check_data_parser
 
@@ -272,5 +330,5 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except UserError as e:
         return fail(str(e))

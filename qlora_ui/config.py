@@ -1,8 +1,8 @@
 """The typed run config: one source for the UI form, the CLI flags and the YAML presets.
 
 Every field carries its help text and limits in `metadata`, so the Gradio form (sliders with these
-bounds), `python -m qlora_ui train --<field-name>` and the presets are all generated from here.
-Field names are unique across sections so that each maps to exactly one CLI flag.
+bounds), every CLI's flags (cli_flags.py) and the presets (presets.py) are all generated from here. Field names
+are unique across sections so that each maps to exactly one CLI flag.
 """
 
 from __future__ import annotations
@@ -10,24 +10,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import yaml
+from .accelerate_configs import accelerate_config_path, check_quant_for_strategy
+from .column_map import parse_column_map
+from .errors import ConfigError
+from .paths import PRESETS_DIR  # noqa: F401 - re-exported: where the bundled presets are
 
 BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 DATA_FORMATS = ("auto", "alpaca", "dolly", "sharegpt", "messages", "prompt_completion", "text", "guanaco")
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, reported at once (one line per problem)."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(f"- {p}" for p in self.problems))
 
 
 # Longest text a field accepts. The app may be shared: a 5 MB system prompt once held the one-at-a-time data
@@ -187,10 +181,7 @@ class RunConfig:
             if k not in FIELD_INDEX:
                 problems.append(f"unknown setting '{k}'")
                 continue
-            try:
-                new.set(k, coerce(FIELD_INDEX[k][1], v))
-            except ValueError as e:
-                problems.append(f"{k}: {e}")
+            _set_coerced(new, k, v, problems)
         if problems:
             raise ConfigError(problems)
         return new
@@ -214,9 +205,19 @@ class RunConfig:
         if lo.lora_init == "loftq" and lo.use_dora:
             problems.append("lora_init loftq with use_dora: DoRA's magnitudes are computed before LoftQ sets the "
                             "adapter, so the two do not combine. Turn one off.")
-        if self.training.accelerate_config:
-            from .accelerate_configs import accelerate_config_path, check_quant_for_strategy
+        if self.training.processes > 1:
+            # One process per device: more only compete for the same GPUs or cores (3 on 2 cores crawled).
+            import os
 
+            import torch
+
+            gpus = torch.cuda.device_count()
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            have = gpus or cores
+            if self.training.processes > have:
+                problems.append(f"processes: {self.training.processes} is more than the {have} "
+                                f"{'GPUs' if gpus else 'CPU cores'} of this machine; use at most {have}.")
+        if self.training.accelerate_config:
             try:
                 accelerate_config_path(self.training.accelerate_config)
                 problems += check_quant_for_strategy(q, self.training.accelerate_config)
@@ -308,52 +309,12 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
     return s
 
 
-def parse_column_map(value: Any, cap: int = 2000) -> dict[str, str]:
-    """`question=instruction, answer=output` (the documented form; spaces allowed), or a flat JSON / Python dict.
-
-    Never YAML: its aliases let a few hundred bytes expand to gigabytes, and this text comes from web requests.
-    """
-    import ast
-    import json
-
-    if isinstance(value, dict):
-        items = list(value.items())
-    else:
-        s = str(value).strip()
-        if len(s) > cap:
-            raise ValueError(f"{len(s):,} characters is too long; the limit is {cap:,}")
-        if not s:
-            return {}
-        if s.startswith("{"):
-            try:
-                parsed = json.loads(s)
-            except ValueError:
-                try:
-                    parsed = ast.literal_eval(s)  # {'question': 'instruction'}: literals only, nothing runs
-                except (ValueError, SyntaxError, MemoryError, RecursionError):
-                    raise ValueError("write it as question=instruction, answer=output") from None
-            if not isinstance(parsed, dict):
-                raise ValueError("write it as question=instruction, answer=output")
-            items = list(parsed.items())
-        else:
-            items = []
-            for part in s.split(","):
-                if not part.strip():
-                    continue
-                src, sep, dst = part.partition("=")
-                if not sep:
-                    raise ValueError(f"'{part.strip()}' has no '='; write it as question=instruction, "
-                                     "answer=output")
-                items.append((src, dst))
-    out = {}
-    for k, v in items:
-        if not isinstance(k, (str, int, float)) or not isinstance(v, (str, int, float)) or isinstance(v, bool):
-            raise ValueError("each entry maps one column name to another, e.g. question=instruction")
-        k, v = str(k).strip(), str(v).strip()
-        if not k or not v:
-            raise ValueError("a column name is empty; write it as question=instruction, answer=output")
-        out[k] = v
-    return out
+def _set_coerced(cfg: RunConfig, key: str, value: Any, problems: list[str], label: str = "") -> None:
+    """Set one flat field from a typed or form value; a bad value becomes a line in `problems`."""
+    try:
+        cfg.set(key, coerce(FIELD_INDEX[key][1], value))
+    except ValueError as e:
+        problems.append(f"{label or key}: {e}")
 
 
 def validate_fields(cfg: RunConfig) -> list[str]:
@@ -377,7 +338,19 @@ def _fmt(x: float | None) -> str:
     return "" if x is None else (f"{x:g}")
 
 
-# ---- YAML / dict ----
+# ---- dict (the YAML shape; the files themselves are presets.py's) ----
+
+def _gpu_gb_problem(value: Any) -> str:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return "" if ok else f"'{_short(value)}' is not a positive number of GB"
+
+
+# Keys a preset file may hold that describe the recipe, not the run: validated when a file is read, never stored in
+# a RunConfig (so a run's saved config and `train` flags do not carry them). presets.preset_target_gb reads them.
+PRESET_KEYS: dict[str, Callable[[Any], str]] = {
+    "target_gpu_gb": _gpu_gb_problem,  # the GPU size the recipe is made for: the memory panel plans for it
+}
+
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
@@ -396,146 +369,18 @@ def from_dict(d: dict[str, Any] | None, base: RunConfig | None = None) -> RunCon
                 if k not in FIELD_INDEX or FIELD_INDEX[k][0] != key:
                     problems.append(f"unknown setting '{key}.{k}'")
                     continue
-                try:
-                    cfg.set(k, coerce(FIELD_INDEX[k][1], v))
-                except ValueError as e:
-                    problems.append(f"{key}.{k}: {e}")
+                _set_coerced(cfg, k, v, problems, f"{key}.{k}")
         elif key in FIELD_INDEX and FIELD_INDEX[key][0] is None:
-            try:
-                cfg.set(key, coerce(FIELD_INDEX[key][1], value))
-            except ValueError as e:
-                problems.append(f"{key}: {e}")
+            _set_coerced(cfg, key, value, problems)
+        elif key in PRESET_KEYS:
+            problem = PRESET_KEYS[key](value)  # checked here, kept by the preset store, not in the run config
+            if problem:
+                problems.append(f"{key}: {problem}")
         else:
             problems.append(f"unknown setting '{key}'")
     if problems:
         raise ConfigError(problems)
     return cfg
-
-
-def to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def from_yaml(text: str, base: RunConfig | None = None) -> RunConfig:
-    try:
-        d = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError([f"the YAML does not parse: {e}"]) from None
-    if d is not None and not isinstance(d, dict):
-        raise ConfigError(["the YAML must be a mapping of settings"])
-    return from_dict(d, base)
-
-
-def save_yaml(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(cfg), encoding="utf-8")
-
-
-def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
-    return from_yaml(Path(path).read_text(encoding="utf-8"), base)
-
-
-# ---- presets ----
-
-def user_presets_dir(presets_dir: Path = PRESETS_DIR) -> Path:
-    """Presets saved from the app live apart from the bundled ones, so a save can never replace a recipe
-    that every other user of a shared app loads."""
-    return presets_dir / "user"
-
-
-def list_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:
-    names = {p.stem for d in (presets_dir, user_presets_dir(presets_dir)) for p in d.glob("*.yaml")}
-    return sorted(n for n in names if not n.startswith("."))
-
-
-def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> RunConfig:
-    ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name or "")
-    path = presets_dir / f"{name}.yaml"
-    if ok and not path.is_file():
-        path = user_presets_dir(presets_dir) / f"{name}.yaml"
-    if not ok or not path.is_file():
-        raise ConfigError([f"preset '{_short(name)}' not found; available: {', '.join(list_presets(presets_dir))}"])
-    cfg = load_yaml(path)
-    # Relative data paths in presets are relative to the repo, so presets work from any cwd.
-    if cfg.data.data_path and not Path(cfg.data.data_path).is_absolute():
-        cfg.data.data_path = str((presets_dir.parent / cfg.data.data_path).resolve())
-    return cfg
-
-
-def save_preset(cfg: RunConfig, name: str, presets_dir: Path = PRESETS_DIR) -> Path:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name or ""):
-        raise ConfigError([f"preset name '{_short(name)}': use 1-64 letters, digits, '.', '_' or '-', starting with "
-                           "a letter or digit"])
-    if (presets_dir / f"{name}.yaml").is_file():
-        raise ConfigError([f"preset name '{name}' is a bundled preset and cannot be replaced; pick another name"])
-    out = user_presets_dir(presets_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    save_yaml(cfg, tmp)
-    tmp.replace(path)  # write, then rename: a half-written preset is never listed
-    return path
-
-
-# ---- CLI flags ----
-
-def cli_flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def add_cli_flags(parser) -> None:
-    """One argparse flag per config field (value parsed later by `coerce`, so errors are collected)."""
-    for key, (_, f) in FIELD_INDEX.items():
-        ch = choices(f)
-        extra = f" Choices: {', '.join(ch)}." if ch else ""
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        rng = f" Range {_fmt(lo)}..{_fmt(hi)}." if lo is not None else ""
-        names = [cli_flag(key)] + [a for a, k in CLI_ALIASES.items() if k == key]
-        metavar = "{" + ",".join(ch) + "}" if ch else "V"
-        parser.add_argument(*names, dest=f"cfg__{key}", default=None, metavar=metavar,
-                            help=f"{f.metadata['help']}{extra}{rng} Default: {f.default!r}"
-                            if f.default is not dataclasses.MISSING else f.metadata["help"])
-
-
-CLI_ALIASES = {"--data": "data_path", "--model": "base_model", "--lr": "learning_rate"}
-
-
-def apply_cli_flags(cfg: RunConfig, args) -> RunConfig:
-    values = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
-    return cfg.updated(**values) if values else cfg
-
-
-def cli_command(cfg: RunConfig, preset: str | None = None, *, python: str = "python",
-                relative_to: Path | None = None, width: int = 0) -> str:
-    """The `python -m qlora_ui train ...` command that reproduces this config.
-
-    `relative_to`: write paths inside that folder relative to it (the command is run from there); `width`: wrap
-    into shell continuation lines of about that many characters (0 = one line)."""
-    base = load_preset(preset) if preset else RunConfig()
-    parts = [f"{python} -m qlora_ui train"] + ([f"--preset {preset}"] if preset else [])
-    for key, v in cfg.flat().items():
-        if v != base.get(key):
-            if isinstance(v, dict):
-                v = ",".join(f"{a}={b}" for a, b in v.items())
-            if relative_to is not None and isinstance(v, str) and v.startswith("/"):
-                try:
-                    v = str(Path(v).relative_to(relative_to))
-                except ValueError:
-                    pass
-            parts.append(f"{cli_flag(key)} {_shell_quote(str(v))}")
-    if not width:
-        return " ".join(parts)
-    lines, cur = [], ""
-    for part in parts:
-        if cur and len(cur) + 1 + len(part) > width:
-            lines.append(cur)
-            cur = "  " + part
-        else:
-            cur = f"{cur} {part}" if cur else part
-    return " \\\n".join(lines + [cur])
-
-
-def _shell_quote(s: str) -> str:
-    return s if re.fullmatch(r"[A-Za-z0-9._/:=,@+-]+", s) else "'" + s.replace("'", "'\\''") + "'"
 
 
 FIELD_INDEX = _field_index()
@@ -545,3 +390,22 @@ for _cls in (RunConfig, *SECTIONS.values()):
 
     _hints = _typing.get_type_hints(_cls)
     _TYPES.update({k: v for k, v in _hints.items() if k not in SECTIONS})
+
+
+# Moved to their own modules, which import this one: the old `from qlora_ui.config import load_preset` still works,
+# resolved on first use so that no import cycle comes back.
+_MOVED = {
+    **dict.fromkeys(("to_yaml", "from_yaml", "save_yaml", "load_yaml", "user_presets_dir", "list_presets",
+                     "load_preset", "save_preset", "preset_target_gb"), "presets"),
+    **dict.fromkeys(("cli_flag", "add_cli_flags", "apply_cli_flags", "cli_command", "CLI_ALIASES"), "cli_flags"),
+    "_shell_quote": "shell",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        module = importlib.import_module(f"{__package__}.{_MOVED[name]}")
+        return getattr(module, "shell_quote" if name == "_shell_quote" else name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

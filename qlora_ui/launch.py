@@ -1,7 +1,7 @@
 """Multi-process runs through accelerate, followed from the run folder.
 
-With `processes` > 1 the training does not run in this process. `LaunchedJob` prepares the run folder exactly
-like a thread run (model and data checked first, dataset recorded), then starts
+With `processes` > 1 the training does not run in this process. jobs.create_job prepares the run folder exactly
+like for a thread run (model and data checked first, dataset recorded); `LaunchedJob` then starts
 
     accelerate launch --num_processes N [--config_file presets/accelerate/NAME.yaml | --multi_gpu]
                       -m qlora_ui.launch RUN_DIR [--resume]
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .runs import RunDir
-from .training import TrainingJob
+from .training import RankView, TrainingJob, failure_hint
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class LaunchedJob(TrainingJob):
     def attach(cls, run: RunDir) -> LaunchedJob:
         """Follow a multi-process run that another process launched (an app restarted while its run went on):
         the same live view and the same Stop, through the run folder alone."""
-        job = cls(run=run, launched=True)
+        job = cls(run.config().validate(need_data=True), run)
         job.attached = True
         return job
 
@@ -243,8 +243,6 @@ class LaunchedJob(TrainingJob):
             why = why or f"the launcher exited with code {self.returncode}"
             if rank is None:
                 why += f" (see {LAUNCH_LOG} in the run folder)"
-            from .training import failure_hint
-
             if "out of memory" in why.lower():
                 hint = failure_hint(MemoryError())
             elif "SIGKILL" in why:
@@ -259,15 +257,6 @@ class LaunchedJob(TrainingJob):
         self.state = "failed"
         log.error("multi-process run failed: %s", self.error_message)
         self._emit("status", {"state": "failed", "message": self.error_message})
-
-
-def job_for(cfg=None, **kw) -> TrainingJob:
-    """A thread job for one process, a launched job for several: the caller does not need to know which."""
-    processes = (cfg.training.processes if cfg is not None else kw["run"].config().training.processes)
-    overrides = kw.get("overrides") or {}
-    if overrides.get("processes") is not None:
-        processes = int(overrides["processes"])
-    return (LaunchedJob if processes > 1 else TrainingJob)(cfg, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,7 +280,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
     for h in logging.getLogger().handlers:  # rank 0's progress goes to train.log; launch.log gets warnings only
         h.setLevel(logging.WARNING)
-    job = TrainingJob(run=RunDir(Path(a.run).resolve()), resume=a.resume, launched=True, rank=rank)
+    run = RunDir(Path(a.run).resolve())
+    # The launcher checked the model and the data and made the run folder; only rank 0 writes to it.
+    cfg = run.config().validate(need_data=True)
+    job = TrainingJob(cfg, run if rank == 0 else RankView(run.path), resume=a.resume, rank=rank)
     done = threading.Event()
     threading.Thread(target=_watch_stop, args=(job, job.run.path / STOP_FILE, done), daemon=True).start()
     try:

@@ -20,12 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import LoftQError  # the error family's; importable from here as before
+
 log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
-
-
-class LoftQError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -24,8 +24,14 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-class ModelError(ValueError):
-    """A model that cannot be loaded, with what to do about it."""
+from .errors import ModelError  # noqa: E402,F401 - the error family's; re-exported
+
+# Set on every model instance that generated (serving.py): prepare_for_training refuses such a model.
+GENERATED_FLAG = "_qlora_studio_generated"
+
+
+def mark_generated(model) -> None:
+    setattr(model, GENERATED_FLAG, True)
 
 
 def cache_dir() -> Path:
@@ -228,7 +234,7 @@ def peft_config(lo: LoraConfig):
 def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, quantized: bool):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "_qlora_studio_generated", False):
+    if getattr(model, GENERATED_FLAG, False):
         # On CPU a no-grad generate() repacks 4-bit weights for inference; training it afterwards
         # silently yields None LoRA gradients. Chat and training each load their own instance.
         raise RuntimeError("This model instance has been used for generation and cannot be trained; "

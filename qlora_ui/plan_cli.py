@@ -1,4 +1,4 @@
-"""`python -m qlora_ui plan`: the memory planner (qlora_ui/memory.py) from the command line."""
+"""`python -m qlora_ui plan`: the memory planner (qlora_ui/memory.py, plan.py) from the command line."""
 
 from __future__ import annotations
 
@@ -6,9 +6,18 @@ import argparse
 import json
 import math
 
-from .config import RunConfig
-from .memory import GB, METHODS, OPTIMIZER_STATE_BYTES, PARTS, STRATEGIES, Plan, plan_for_config, preset_target_gb
+from .cli_flags import add_cli_flags, apply_cli_flags
+from .config import RunConfig, validate_fields
+from .errors import ConfigError
+from .memory import GB, METHODS, PARTS, STRATEGIES
+from .plan import Plan, plan_for_config
+from .presets import load_preset, preset_target_gb
 from .shapes import ShapeError, known_shapes
+
+# The config fields the estimate depends on (memory.PlanSettings.from_config), one flag each.
+PLAN_FIELDS = ("base_model", "batch_size", "max_length", "lora_r", "optimizer", "gradient_checkpointing",
+               "quant_type", "double_quant")
+PLAN_ALIASES = {"--batch": "batch_size", "--seq": "max_length", "--rank": "lora_r"}
 
 
 def add_plan_parser(subparsers) -> None:
@@ -18,23 +27,18 @@ def add_plan_parser(subparsers) -> None:
                               "(with and without double quantization) from a model config alone, and whether the "
                               "chosen method fits this machine (or --device-gb). Flags override the preset, the "
                               "preset overrides the defaults.")
-    p.add_argument("--model", help=f"shape name ({', '.join(known_shapes())}), a hub id of one of them, "
-                   "'bundled', or a local folder with config.json")
-    p.add_argument("--preset", help="start from this preset (a gpu-*-<N>gb preset also sets --device-gb N)")
-    p.add_argument("--batch", type=int, help="examples per step (batch_size)")
-    p.add_argument("--seq", type=int, help="tokens per example (max_length)")
-    p.add_argument("--rank", type=int, help="LoRA rank (lora_r)")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), help="optimizer")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward")
-    p.add_argument("--quant-type", choices=["nf4", "fp4"], help="4-bit data type (same memory)")
-    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the quantization constants (which QLoRA column decides the verdict)")
+    p.add_argument("--preset", help="start from this preset (a preset with target_gpu_gb N also sets --device-gb N)")
+    # The settings the estimate reads, from the config's own fields (`--batch-size` etc.); the short spellings
+    # of earlier versions (`--batch`, `--seq`, `--rank`) stay as aliases.
+    add_cli_flags(p, PLAN_FIELDS, aliases=PLAN_ALIASES, switches=True,
+                  helps={"base_model": f"shape name ({', '.join(known_shapes())}), a hub id of one of them, "
+                                       "'bundled', or a local folder with config.json"})
     p.add_argument("--device-gb", type=float, help="plan for a device of this many GB instead of this machine")
     p.add_argument("--device", choices=["cuda", "cpu"], help="what the memory is: GPU VRAM or CPU RAM")
     p.add_argument("--precision", choices=["app", "paper"], default="app",
                    help="app: dtypes as this app trains (fp32 adapters and embeddings); paper: as the QLoRA "
                    "paper's code (bf16)")
+    # Not the config's flag: a plan for N processes overrides the preset's without its 1..64 range.
     p.add_argument("--processes", type=int, help="training processes, one per GPU: figures become per device")
     p.add_argument("--strategy", choices=sorted(STRATEGIES), help="with --processes N: ddp replicates the model on "
                    "every device, fsdp / deepspeed (ZeRO-3) shard it (default: the preset's accelerate_config, "
@@ -49,14 +53,9 @@ def add_plan_parser(subparsers) -> None:
 def plan_main(args) -> int:
     import sys
 
-    from .config import ConfigError, load_preset, validate_fields
-
     try:
         cfg = load_preset(args.preset) if getattr(args, "preset", None) else RunConfig()
-        flags = {"base_model": args.model, "batch_size": args.batch, "max_length": args.seq, "lora_r": args.rank,
-                 "optimizer": args.optimizer, "gradient_checkpointing": args.gradient_checkpointing,
-                 "quant_type": args.quant_type, "double_quant": args.double_quant}
-        cfg = cfg.updated(**{k: v for k, v in flags.items() if v is not None})
+        cfg = apply_cli_flags(cfg, args)
         problems = validate_fields(cfg)
         if problems:
             raise ConfigError(problems)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, load_yaml, save_yaml
+from .errors import RunError
 
 STATES = ("created", "running", "stopped", "finished", "failed", "interrupted")
 MIN_FREE_BYTES = 200 * 1024 * 1024
@@ -162,12 +163,18 @@ class RunDir:
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # ---- checkpoints / adapter ----
+    @staticmethod
+    def checkpoint_step(path: Path | None) -> int:
+        """The step a Trainer checkpoint folder (checkpoint-<step>) was saved at; 0 for none or another name."""
+        tail = Path(path).name.rpartition("-")[2] if path is not None else ""
+        return int(tail) if tail.isdigit() else 0
+
     def checkpoints(self) -> list[Path]:
         if not self.checkpoints_dir.is_dir():
             return []
         cps = [p for p in self.checkpoints_dir.glob("checkpoint-*")
-               if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-        return sorted(cps, key=lambda p: int(p.name.split("-")[-1]))
+               if p.is_dir() and p.name.rpartition("-")[2].isdigit() and (p / "trainer_state.json").is_file()]
+        return sorted(cps, key=self.checkpoint_step)
 
     def last_checkpoint(self) -> Path | None:
         cps = self.checkpoints()
@@ -201,6 +208,37 @@ class RunDir:
             "path": str(self.path),
         }
 
+    # ---- files the UI hands out ----
+    def log_tail(self, n: int = 40) -> str:
+        """The last `n` lines of the run's log (read from its last 16 KB; empty when there is none yet)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 16384))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def adapter_zip(self) -> Path:
+        """The adapter as a zip in the temp folder, one per adapter version and reused by every later call: a zip
+        per click filled the temp folder (20 clicks, 313 MB). Older versions of this run's zip are removed."""
+        import hashlib
+        import tempfile
+
+        files = sorted(p for p in self.adapter_dir.rglob("*") if p.is_file())
+        stamp = hashlib.sha1(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
+        version = stamp.hexdigest()[:12]
+        out_dir = Path(tempfile.gettempdir()) / f"qlora-studio-zips-{os.getuid()}"
+        out_dir.mkdir(mode=0o700, exist_ok=True)
+        target = out_dir / f"{self.name}-adapter-{version}.zip"
+        if not target.is_file():
+            for old in out_dir.glob(f"{self.name}-adapter-*.zip"):
+                old.unlink(missing_ok=True)
+            tmp = Path(shutil.make_archive(str(out_dir / f".{self.name}-{version}-{os.getpid()}"), "zip",
+                                           root_dir=self.adapter_dir))
+            tmp.replace(target)  # write, then rename: a download never gets a half-written zip
+        return target
 
 def _process_start(pid: int) -> float | None:
     try:
@@ -280,15 +318,15 @@ def check_run_dataset(run: RunDir, data_path: str) -> None:
     where = f"{p}" + ("" if record.get("copied") else " (too big to copy into the run folder, so it is used "
                                                       "where it lies)")
     if not p.is_file():
-        raise ConfigError([f"{run.name} trained on {where}, which no longer exists. Put the same file back there "
-                           "to resume, or start a new run."])
+        raise RunError(f"{run.name} trained on {where}, which no longer exists. Put the same file back there to "
+                       "resume, or start a new run.")
     from .data import file_digest
 
     if p.stat().st_size != record.get("size") or file_digest(p) != record.get("sha256"):
-        raise ConfigError([f"{run.name} cannot resume: its dataset {where} has changed since the run started "
-                           f"(it was {record.get('size'):,} bytes, sha256 {str(record.get('sha256'))[:12]}..., now "
-                           f"{p.stat().st_size:,} bytes). Resuming on other data would mix two trainings. Restore "
-                           "the original file, or start a new run on the new one."])
+        raise RunError(f"{run.name} cannot resume: its dataset {where} has changed since the run started (it was "
+                       f"{record.get('size'):,} bytes, sha256 {str(record.get('sha256'))[:12]}..., now "
+                       f"{p.stat().st_size:,} bytes). Resuming on other data would mix two trainings. Restore the "
+                       "original file, or start a new run on the new one.")
 
 
 def open_run(path: str | Path, runs_dir: str | Path | None = None) -> RunDir:
@@ -300,9 +338,9 @@ def open_run(path: str | Path, runs_dir: str | Path | None = None) -> RunDir:
     if runs_dir is not None:
         root = Path(runs_dir).resolve()
         if root not in p.parents:
-            raise ConfigError([f"'{path}' is not a run inside {root}."])
+            raise RunError(f"'{path}' is not a run inside {root}.")
     if not (p / "config.yaml").is_file():
-        raise ConfigError([f"'{path}' is not a run folder (no config.yaml). List runs with `python -m qlora_ui runs`."])
+        raise RunError(f"'{path}' is not a run folder (no config.yaml). List runs with `python -m qlora_ui runs`.")
     return RunDir(p)
 
 

@@ -35,8 +35,7 @@ IDLE_S = 2.0
 BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
-class ChatBusy(RuntimeError):
-    """A request the server refuses right away: the queue is full, or this session already has one running."""
+from .errors import ChatBusy  # noqa: E402,F401 - the error family's; re-exported
 
 
 @dataclass
@@ -53,6 +52,7 @@ class Request:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.time)
+    tokens: int = 0  # generated so far: the API's usage count and finish_reason
 
 
 class BatchServer:
@@ -197,7 +197,7 @@ class BatchServer:
     def _serve(self, batch: list[Request]) -> None:
         import torch
 
-        from .chat import mark_generated
+        from .modeling import mark_generated
 
         eng = self.engine
         threads = [r.threads for r in batch if r.threads]
@@ -330,8 +330,11 @@ def decode(model, tokenizer, batch: list[Request], take_more=None) -> None:
             done = tok in stops
             if not done:
                 made_[i].append(tok)
+                r.tokens = len(made_[i])
                 r.out.put(("text", tokenizer.decode(made_[i], skip_special_tokens=True)))
             if done or len(made_[i]) >= r.max_new_tokens or r.cancelled.is_set():
+                if not done and len(made_[i]) < r.max_new_tokens:  # the server's own word (tests/test_security.py)
+                    log.info("chat row left the batch: its reader went away after %d tokens", len(made_[i]))
                 r.out.put(("done", tokenizer.decode(made_[i], skip_special_tokens=True)))
             else:
                 keep.append(i)
@@ -342,7 +345,7 @@ def decode(model, tokenizer, batch: list[Request], take_more=None) -> None:
     while True:
         if len(keep) < len(rows):  # finished or abandoned rows leave the batch and its cache
             if not keep:
-                rows = []
+                rows, gens, made = [], [], []  # a joiner below must not inherit a finished row's tokens
             else:
                 idx = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(idx)

@@ -8,13 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import BUNDLED_MODEL
+from .errors import ShapeError  # the error family's; importable from here as before
 
 SHAPES_FILE = Path(__file__).resolve().parent / "model_shapes.json"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class ShapeError(ValueError):
-    """A model name the planner cannot turn into a shape, with the names it knows."""
 
 
 # ---------------------------------------------------------------- shapes

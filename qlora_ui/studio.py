@@ -13,15 +13,15 @@ from pathlib import Path
 from .chat import ChatEngine
 from .chat_llama import LlamaCppEngine
 from .config import ConfigError, RunConfig
+from .errors import DataError, StudioBusy, UserError
+from .jobs import create_job, resume_job
 from .launch import LaunchedJob
 from .runs import RunDir, list_runs, open_run
 from .training import TrainingJob
 
 log = logging.getLogger(__name__)
 
-
-class StudioBusy(RuntimeError):
-    pass
+__all__ = ("Studio", "StudioBusy")  # StudioBusy: the error family's, importable from here as before
 
 
 class Studio:
@@ -63,7 +63,7 @@ class Studio:
                 try:
                     self.job = LaunchedJob.attach(run).start()
                     log.info("following %s, still training in %d processes", run.name, st["world_size"])
-                except (ConfigError, OSError) as e:
+                except (UserError, OSError) as e:
                     log.warning("could not follow %s: %s", run.name, e)
                 return
 
@@ -80,7 +80,7 @@ class Studio:
             self.check_recipe(cfg.training.accelerate_config)
             cfg = cfg.updated(runs_dir=str(self.runs_dir))
             # processes > 1: launched through accelerate and followed from the run folder, same job surface.
-            self.job = self._job_class(cfg.training.processes)(cfg).start()
+            self.job = create_job(cfg).start()
             return self.job
 
     def resume(self, run_name: str, overrides: dict | None = None) -> TrainingJob:
@@ -91,8 +91,7 @@ class Studio:
             if run.state == "running":
                 raise StudioBusy(f"{run.name} is running in another process.")
             self.check_model(run.config().model)
-            n = (overrides or {}).get("processes") or run.config().training.processes
-            self.job = self._job_class(int(n))(run=run, resume=True, overrides=overrides).start()
+            self.job = resume_job(run, overrides=overrides).start()
             return self.job
 
     @staticmethod
@@ -103,10 +102,6 @@ class Studio:
         if name and name not in list_accelerate_configs():
             raise ConfigError([f"accelerate_config '{name}': pick one of {', '.join(list_accelerate_configs())}. "
                                "Your own accelerate config file can be used from the command line."])
-
-    @staticmethod
-    def _job_class(processes: int) -> type[TrainingJob]:
-        return LaunchedJob if processes > 1 else TrainingJob
 
     def cap_new_tokens(self, n) -> int:
         n = int(n or 1)
@@ -174,6 +169,9 @@ class Studio:
 
         from .config import BUNDLED_MODEL
 
+        # The name as the loader will read it (modeling.resolve_model_path strips it): checking the raw text let
+        # ' ~/x' pass as a hub id and then load ~/x.
+        name = name.strip()
         if name == BUNDLED_MODEL:
             return
         if self.is_hub_id(name):
@@ -227,8 +225,8 @@ class Studio:
         """A server-side dataset path a request names: only inside a --data-root folder."""
         p = Path(path).expanduser().resolve()
         if not any(r in p.parents for r in self.data_roots):
-            raise ConfigError([f"'{Path(path).name}' is not in a folder this app serves datasets from "
-                               "(--data-root). Upload the file instead."])
+            raise DataError(f"'{Path(path).name}' is not in a folder this app serves datasets from (--data-root). "
+                            "Upload the file instead.")
         return p
 
     def local_models(self) -> list[str]:

@@ -1,8 +1,8 @@
 """The training job: one object owns the thread, the stop event, the metrics and the caught exception.
 
-`TrainingJob.run()` trains blocking (the CLI); `TrainingJob.start()` runs the same in a thread (the UI).
-The engine reports through the run folder (status.json, metrics.jsonl, train.log) and an optional
-listener callback; it knows nothing about Gradio.
+`TrainingJob.run_blocking()` trains here (the CLI); `TrainingJob.start()` runs the same in a thread (the UI). A job
+is made by jobs.create_job / jobs.resume_job, which check everything first. The engine reports through the run
+folder (status.json, metrics.jsonl, train.log) and an optional listener callback; it knows nothing about Gradio.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
-from .runs import RunDir, copy_dataset_into, create_run
+from .config import RunConfig
+from .errors import UserError
+from .runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ Listener = Callable[[str, dict[str, Any]], None]  # (event, payload): "metrics",
 
 
 class TrainingDiverged(RuntimeError):
-    pass
+    """The loss became NaN/inf. Not a UserError: like running out of memory it ends a run that was accepted, and the
+    run's status says what to change (failure_hint); the CLI exits 1 for it as for any failed run."""
 
 
 def failure_hint(exc: BaseException) -> str:
@@ -37,7 +39,7 @@ def failure_hint(exc: BaseException) -> str:
                 "checkpoint: Retry smaller in the Train tab, or train --resume RUN --batch-size B --grad-accum A.")
     if isinstance(exc, TrainingDiverged) or "nan" in text:
         return "The loss became NaN/inf: lower the learning_rate (e.g. 1e-4), keep max_grad_norm at 0.3, use bf16."
-    if isinstance(exc, (ConfigError, ValueError)):
+    if isinstance(exc, (UserError, ValueError)):
         return "Fix the setting named above and start again."
     return "See train.log in the run folder for details; resume continues from the last checkpoint."
 
@@ -97,28 +99,6 @@ def _make_callback(job: TrainingJob):
     return JobCallback()
 
 
-def check_resumable(run: RunDir, extend_to: int | None = None) -> None:
-    """A finished run has nothing left to resume: resuming it used to train past its limit ("step 6/5") and
-    replace its adapter without a word. Continuing it is an explicit choice of a new, higher step count."""
-    from .config import ConfigError
-
-    if run.state != "finished":
-        return
-    done = max((r.get("step", 0) for r in run.read_metrics()), default=0)
-    if extend_to is not None and extend_to > done:
-        return
-    how = (f"To train it further, continue it to a higher step count (its adapter is replaced at the end): "
-           f"python -m qlora_ui train --resume {run.path.name} --max-steps {done + max(done, 10)}; or raise Max "
-           "steps in the form and start a new run.")
-    if extend_to is not None:
-        raise ConfigError([f"{run.name} already trained {done} steps; --max-steps {extend_to} adds none. {how}"])
-    raise ConfigError([f"{run.name} finished all {done} steps, so there is nothing to resume. {how}"])
-
-
-# Settings a resume may change: how many processes, and a smaller per-device batch after running out of memory.
-RESUME_OVERRIDES = ("processes", "batch_size", "grad_accum", "accelerate_config")
-
-
 class RankView(RunDir):
     """The run folder as a non-zero rank of a multi-process run sees it: readable, never written (rank 0 writes
     the run folder; the Trainer itself writes only its per-rank RNG state into checkpoints)."""
@@ -137,60 +117,19 @@ class RankView(RunDir):
 
 
 class TrainingJob:
-    """A training run: `run()` blocks, `start()` runs it in a thread, `stop()` asks it to end and save.
+    """A training run: `run_blocking()` trains here, `start()` in a thread, `stop()` asks it to end and save.
 
-    `launched=True` is one process of a multi-process run (qlora_ui.launch): the launcher already checked the
-    model and data and made the run folder, and only `rank` 0 writes to it.
+    The constructor only stores: jobs.create_job and jobs.resume_job check the config, model and data and make the
+    run folder first. `rank` is this process's rank in a multi-process run (qlora_ui.launch); only rank 0 writes
+    the run folder.
     """
 
-    def __init__(self, cfg: RunConfig | None = None, *, run: RunDir | None = None, resume: bool = False,
-                 listener: Listener | None = None, extra_callbacks: list | None = None,
-                 extend_to: int | None = None, overrides: dict[str, Any] | None = None,
-                 launched: bool = False, rank: int = 0):
-        if cfg is None and run is None:
-            raise ValueError("give a config or a run to resume")
+    def __init__(self, cfg: RunConfig, run: RunDir, *, resume: bool = False, listener: Listener | None = None,
+                 extra_callbacks: list | None = None, rank: int = 0):
+        self.cfg = cfg
+        self.run = run
         self.resume = resume
         self.rank = rank
-        if rank != 0 and run is not None:
-            run = RankView(run.path)
-        self.cfg = run.config() if (run is not None and cfg is None) else cfg
-        changed = False  # a resume that changes settings writes them once it is accepted
-        if resume and run is not None and not launched:
-            if extend_to is not None:
-                check_resumable(run, extend_to)
-                if extend_to != self.cfg.training.max_steps:
-                    log.info("continuing %s to %d steps", run.name, extend_to)
-                    self.cfg = self.cfg.updated(max_steps=extend_to)
-            from .config import FIELD_INDEX, coerce
-
-            wanted = {k: coerce(FIELD_INDEX[k][1], v) for k, v in (overrides or {}).items()
-                      if k in RESUME_OVERRIDES and v is not None}
-            changes = {k: v for k, v in wanted.items() if v != self.cfg.get(k)}
-            if changes:
-                log.info("resuming %s with %s", run.name, ", ".join(f"{k}={v}" for k, v in changes.items()))
-                self.cfg = self.cfg.updated(**changes)
-            changed = extend_to is not None or bool(changes)
-        self.cfg.validate(need_data=True)
-        if launched:
-            pass  # the launcher checked all of this before starting the processes
-        elif not resume:
-            from .data import check_file
-            from .modeling import preflight
-
-            # A bad model or a bad file is refused before a run folder exists, with the message the data
-            # panel shows (not a failed run with a traceback in its log).
-            preflight(self.cfg.model)
-            check_file(self.cfg.data)
-        else:
-            from .runs import check_run_dataset
-
-            check_resumable(run, extend_to)
-            check_run_dataset(run, self.cfg.data.data_path)  # resuming on changed data is refused, clearly
-            if changed:
-                run.write_config(self.cfg)  # only once the resume is accepted: a refused one changes nothing
-        self.run: RunDir = run if run is not None else create_run(self.cfg)
-        if not resume and not launched:
-            self.cfg = copy_dataset_into(self.run, self.cfg)
         self.listener = listener
         self.extra_callbacks = extra_callbacks or []
         self.stop_event = threading.Event()
@@ -322,7 +261,7 @@ class TrainingJob:
         ckpt = None
         if self.resume:
             ckpt = self.run.last_checkpoint()
-            step = int(ckpt.name.split("-")[-1]) if ckpt else 0
+            step = RunDir.checkpoint_step(ckpt)
             self.run.truncate_metrics(step)  # no duplicate steps in the curve after resume
             self.metrics = self.run.read_metrics()
             self.elapsed_before = max((r.get("elapsed_s", 0) for r in self.metrics), default=0.0)

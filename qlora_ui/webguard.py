@@ -1,12 +1,14 @@
-"""What stands between a shared link and strangers, beyond Gradio's own login: sign-in throttling and a
-same-origin rule for every request.
+"""What stands between a shared link and strangers, beyond Gradio's own login: sign-in throttling, and for
+every request a host-name rule (against DNS rebinding) and a same-origin rule (scheme, host and port).
 
 Kept out of the engine (it knows nothing of the web) and out of the tab builders (it is about the server).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import logging
 import re
 import threading
@@ -20,25 +22,42 @@ _API_INFO = re.compile(rb"window\.gradio_api_info\s*=.*?;</script>", re.S)
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0"}
 
 
+MAX_USER_NAME = 256  # characters; app.py refuses longer names in the auth file
+
+
 class LoginThrottle:
     """Gradio's `auth=` callable: checks USER:PASS pairs in constant time, and after `max_failures` wrong
     passwords for one user name within `window_s` refuses that name for `lockout_s` (doubling on each further
     failure, at most `max_lockout_s`), even with the right password. Keyed by user name, not client address:
-    behind the share tunnel every client has the tunnel's address."""
+    behind the share tunnel every client has the tunnel's address.
+
+    Memory is bounded whatever a client sends: names over MAX_USER_NAME characters are refused unread; the
+    configured users have a table of their own (as long as the auth file, never evicted), and every other name
+    is kept as a 32-byte digest in a table of at most `max_unknown` entries that evicts only among itself, so
+    junk names can neither fill the memory nor push out a real user's lockout. Made-up names are locked out
+    too, so a lockout does not tell which names are real."""
 
     def __init__(self, pairs: list[tuple[str, str]], max_failures: int = 5, window_s: float = 300,
-                 lockout_s: float = 30, max_lockout_s: float = 600, max_names: int = 10_000):
+                 lockout_s: float = 30, max_lockout_s: float = 600, max_unknown: int = 4096):
         self.pairs = [(u.encode(), p.encode()) for u, p in pairs]
+        self.users = {u for u, _ in pairs}
         self.max_failures, self.window_s = max_failures, window_s
-        self.lockout_s, self.max_lockout_s, self.max_names = lockout_s, max_lockout_s, max_names
-        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        self.lockout_s, self.max_lockout_s, self.max_unknown = lockout_s, max_lockout_s, max_unknown
+        self._failures: dict[str, list[float]] = {}
+        self._unknown: OrderedDict[bytes, list[float]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _table_key(self, username: str) -> tuple[dict, str | bytes]:
+        if username in self.users:
+            return self._failures, username
+        return self._unknown, hashlib.sha256(username.encode("utf-8", "surrogatepass")).digest()
 
     def locked_for(self, username: str, now: float | None = None) -> float:
         """Seconds until `username` may try again (0 = now)."""
         now = time.time() if now is None else now
+        table, key = self._table_key(username)
         with self._lock:
-            times = [t for t in self._failures.get(username, []) if now - t < self.window_s]
+            times = [t for t in table.get(key, []) if now - t < self.window_s]
         if len(times) < self.max_failures:
             return 0.0
         extra = len(times) - self.max_failures
@@ -53,6 +72,8 @@ class LoginThrottle:
         return ok
 
     def __call__(self, username: str, password: str) -> bool:
+        if len(username) > MAX_USER_NAME:
+            return False  # no user has such a name: refused without keeping anything of it
         wait = self.locked_for(username)
         if wait > 0:
             from fastapi import HTTPException
@@ -60,64 +81,153 @@ class LoginThrottle:
             log.warning("sign-in refused: too many failures for one user name (%.0f s left)", wait)
             raise HTTPException(status_code=429, detail=f"Too many failed sign-ins for this user name. "
                                 f"Try again in {int(wait) + 1} s.", headers={"Retry-After": str(int(wait) + 1)})
+        table, key = self._table_key(username)
         if self.check(username, password):
             with self._lock:
-                self._failures.pop(username, None)
+                table.pop(key, None)
             return True
         now = time.time()
         with self._lock:
-            times = [t for t in self._failures.pop(username, []) if now - t < self.window_s] + [now]
-            self._failures[username] = times
-            while len(self._failures) > self.max_names:
-                self._failures.popitem(last=False)
+            times = [t for t in table.pop(key, []) if now - t < self.window_s] + [now]
+            # The doubling lockout tops out long before this many failures: older ones say nothing more.
+            table[key] = times[-(self.max_failures + 16):]
+            if table is self._unknown:
+                while len(self._unknown) > self.max_unknown:
+                    self._unknown.popitem(last=False)
         return False
 
 
-def _host_name(value: str) -> str:
-    """'https://a.b:7860' or 'a.b:7860' -> 'a.b'."""
-    if "//" not in value:
-        value = "//" + value
+class KeyThrottle(LoginThrottle):
+    """The /v1 API's keys (api.py): the login's constant-time check and lockout, keyed by client address, as an
+    API key comes with no user name. Behind the share tunnel every client has the tunnel's address, so there five
+    wrong keys lock out every key for 30 s (doubling), as five wrong passwords lock out a user name."""
+
+    def __init__(self, keys: list[str], **kw):
+        super().__init__([], **kw)
+        self.keys = [k.encode() for k in keys]
+
+    def check(self, username: str, password: str) -> bool:
+        p = password.encode("utf-8", "surrogatepass")
+        ok = False
+        for key in self.keys:  # every key, every time
+            ok |= hmac.compare_digest(key, p)
+        return ok
+
+
+# Where Gradio serves its page, which embeds the API description: the app, and the run-history page.
+PAGE_PATHS = {"", "/gradio_api/runs"}
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """A Host header ('a.b:7860', '[::1]:7860', 'a.b') -> ('a.b', 7860 or None), or None if malformed."""
     try:
-        return (urlsplit(value).hostname or "").lower()
+        parts = urlsplit("//" + value.strip())
+        return (parts.hostname or "").lower().rstrip("."), parts.port
     except ValueError:
-        return ""
+        return None
 
 
-def same_origin(origin: str, host: str | None, forwarded_host: str | None = None) -> bool:
-    o = _host_name(origin)
-    if not o or origin == "null":
-        return False
-    hosts = {_host_name(h) for h in (host, forwarded_host) if h}
-    if o in hosts:
+def _origin_parts(origin: str) -> tuple[str, str, int] | None:
+    """'https://a.b' -> ('https', 'a.b', 443); None for 'null' or anything that is not scheme://host[:port]."""
+    try:
+        parts = urlsplit(origin.strip())
+        scheme, name = parts.scheme.lower(), (parts.hostname or "").lower().rstrip(".")
+        if scheme not in DEFAULT_PORTS or not name:
+            return None
+        return scheme, name, parts.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        return None
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
         return True
-    # A page served on localhost talking to 127.0.0.1 (or back) is still this machine.
-    return o in LOOPBACK_NAMES and bool(hosts & LOOPBACK_NAMES)
+    except ValueError:
+        return False
+
+
+def host_allowed(host: str, allowed_names: frozenset[str] | set[str]) -> bool:
+    """DNS rebinding sends an attacker's own host name (re-pointed at this machine) in the Host header. A name
+    is accepted only if it is one this app is served under: the loopback names, an address written as a number
+    (no one's name can rebind to it), the --host name, the share link's host, and any --allowed-host."""
+    parsed = _split_host(host)
+    if parsed is None or not parsed[0]:
+        return False
+    name = parsed[0]
+    return name in LOOPBACK_NAMES or is_ip_literal(name) or name in allowed_names
+
+
+def same_origin(origin: str, host: str | None, forwarded_host: str | None = None, scheme: str = "http") -> bool:
+    """Origin and request agree on scheme, host and port (a page on another port of the same machine is
+    another site). Where the Host carries no port, the browser used its scheme's default one: the Origin must
+    then carry the default port of its own scheme (behind a TLS tunnel the request itself arrives as http)."""
+    o = _origin_parts(origin)
+    if o is None:
+        return False
+    o_scheme, o_name, o_port = o
+    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    for value in (host, forwarded_host):
+        parsed = _split_host(value) if value else None
+        if not parsed:
+            continue
+        name, port = parsed
+        if port is None:
+            if o_port != DEFAULT_PORTS[o_scheme]:
+                continue
+        elif o_port != port or o_scheme != scheme:
+            continue
+        # A page served on localhost talking to 127.0.0.1 (or back), same port: still this app.
+        if o_name == name or (o_name in LOOPBACK_NAMES and name in LOOPBACK_NAMES):
+            return True
+    return False
+
+
+def _refuse(status: int, text: str):
+    body = text.encode()
+    return [{"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]},
+            {"type": "http.response.body", "body": body}]
 
 
 class SameOriginGuard:
-    """ASGI middleware, outermost: a request that carries an `Origin` other than the app's own is refused
-    before Gradio's CORS layer can grant it (Gradio grants any origin, with credentials, whenever the app is
-    reached by a name other than localhost: a share link or a LAN address). Also turns Gradio's
-    `SameSite=None` login cookie into `SameSite=Lax`, so other sites' pages do not send it at all."""
+    """ASGI middleware, outermost. Refuses, before any route:
+    - a Host this app is not served under (421): a DNS-rebinding page reaches the app under its own name;
+    - an `Origin` other than the app's own scheme, host and port (403), before Gradio's CORS layer can grant it
+      (Gradio grants any origin, with credentials, whenever the app is reached by a name other than localhost).
+    Also turns Gradio's `SameSite=None` login cookie into `SameSite=Lax`, so other sites' pages do not send it
+    at all."""
 
-    def __init__(self, app):
+    def __init__(self, app, allowed_hosts: list[str] | tuple[str, ...] = ()):
         self.app = app
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in allowed_hosts if h)
+
+    async def _refuse(self, scope, send, status: int, text: str) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        for message in _refuse(status, text):
+            await send(message)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        origin = headers.get("origin")
-        if origin is not None and not same_origin(origin, headers.get("host"), headers.get("x-forwarded-host")):
-            log.warning("refused a cross-origin request from %s to %s", origin[:100], scope.get("path"))
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
+        # X-Forwarded-Host too: a rebinding page's own same-origin requests may carry any header it likes.
+        for name in ("host", "x-forwarded-host"):
+            value = headers.get(name)
+            if value is not None and not host_allowed(value, self.allowed_hosts):
+                log.warning("refused a request for host %r to %s", value[:100], scope.get("path"))
+                await self._refuse(scope, send, 421, "This app is not served under that host name. Whoever runs "
+                                   "it can add the name with --allowed-host.")
                 return
-            body = b"Cross-origin requests are not allowed."
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+        origin = headers.get("origin")
+        if origin is not None and not same_origin(origin, headers.get("host"), headers.get("x-forwarded-host"),
+                                                  scope.get("scheme", "http")):
+            log.warning("refused a cross-origin request from %s to %s", origin[:100], scope.get("path"))
+            await self._refuse(scope, send, 403, "Cross-origin requests are not allowed.")
             return
 
         async def lax_cookies(message):
@@ -127,14 +237,23 @@ class SameOriginGuard:
                     if k.lower() == b"set-cookie" else (k, v) for k, v in message.get("headers", [])]
             await send(message)
 
-        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path") in ("", "/"):
-            await self._page_without_api_info(scope, receive, lax_cookies)
-            return
+        path = scope.get("path") or "/"
+        if scope["type"] == "http" and scope.get("method") == "GET":
+            if path.rstrip("/").endswith("/logout") and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+                # Gradio's /logout is a GET that ends every session of the user: another site's link (a top-level
+                # navigation, which carries even a SameSite=Lax cookie) must not sign everyone out.
+                log.warning("refused a cross-site sign-out")
+                await self._refuse(scope, send, 403, "Sign out from the app's own page.")
+                return
+            if path.rstrip("/") in PAGE_PATHS:
+                await self._page_without_api_info(scope, receive, lax_cookies)
+                return
         await self.app(scope, receive, lax_cookies)
 
     async def _page_without_api_info(self, scope, receive, send):
-        """Gradio's login page embeds the whole API description (every endpoint, its parameters and defaults,
-        with server paths) for anyone who asks. Served to a visitor who has not signed in, it is cut out."""
+        """Gradio's login page (at / and at /gradio_api/runs) embeds the whole API description (every endpoint, its
+        parameters and defaults, with server paths) for anyone who asks. Served to a visitor who has not signed
+        in, it is cut out."""
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"])
         start, chunks = None, []
 
@@ -157,8 +276,8 @@ class SameOriginGuard:
         await self.app(scope, receive, collect)
 
 
-def install_same_origin_guard(app) -> None:
+def install_same_origin_guard(app, allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:
     """Put SameOriginGuard outside every middleware Gradio added. Gradio builds its app inside launch(), so this
     runs after launch: Starlette rebuilds its middleware stack on the next request."""
     app.middleware_stack = None
-    app.add_middleware(SameOriginGuard)
+    app.add_middleware(SameOriginGuard, allowed_hosts=tuple(allowed_hosts))

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_ui.config import RunConfig, load_preset
-from qlora_ui.ui.app import FORM_KEYS
-from qlora_ui.ui.form import form_values
+from qlora_ui.ui.form import Form
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [{"instruction": f"Say the word number {i}.", "output": f"Arr! Number {i} it be, matey."} for i in range(40)]
@@ -38,12 +37,27 @@ def fast_cfg(model: str | Path, data: str | Path, **kw: Any) -> RunConfig:
     return load_preset("cpu-quickstart").updated(**base)
 
 
+# The form's components (unrendered): the handlers' inputs are keyed by them, as Gradio passes them.
+FORM = Form()
+
+
+def form_input(cfg: RunConfig, **raw: Any) -> dict[Any, Any]:
+    """{component: value} showing `cfg`, as a handler gets it; `raw` sets values as a browser/API client would send
+    them (unchecked)."""
+    return FORM.updates(cfg) | FORM.values(raw)
+
+
 def form(cfg: RunConfig, **raw: Any) -> list[Any]:
-    """Form values in FORM_KEYS order; `raw` sets values as a browser/API client would send them (unchecked)."""
-    vals = form_values(cfg, FORM_KEYS)
-    for k, v in raw.items():
-        vals[FORM_KEYS.index(k)] = v
-    return vals
+    """The same values as an API client passes them: positional, in the form's API order."""
+    return list(form_input(cfg, **raw).values())
+
+
+class ByName(dict):
+    """Stands in for a tab's components in handler tests: each component is its own name, so the handler's
+    `{component: value}` dicts come back keyed by name (and take their inputs by name)."""
+
+    def __missing__(self, key: str) -> str:
+        return key
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
@@ -114,3 +128,10 @@ def fake_hub_repo(cache: Path, repo_id: str, model_dir: Path, marker: Path) -> P
         "class EvilConfig(LlamaConfig):\n    pass\n\n\n"
         "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
     return repo
+
+
+def chat_input(run: str | None, adapter: str | None, msg: str, history: list | None = None, *, system: str = "",
+               temperature: float = 0.0, top_p: float = 0.9, max_new_tokens: int = 32, seed: int = 0) -> dict:
+    """What the Chat tab's send and compare handlers get, keyed by component name (see ByName)."""
+    return {"run": run, "checkpoint": adapter, "system": system, "temperature": temperature, "top_p": top_p,
+            "max_new_tokens": max_new_tokens, "seed": seed, "msg": msg, "history": history or []}

@@ -13,9 +13,19 @@ import gradio as gr
 import pytest
 
 from qlora_ui.studio import Studio
-from qlora_ui.ui import handlers as h
-from qlora_ui.ui.app import FORM_KEYS
-from tests.fault_helpers import bad_model_folders, cli, fast_cfg, form, run_dirs, wait_for, write_rows
+from qlora_ui.ui.tabs import model_data, train
+from tests.fault_helpers import (
+    FORM,
+    ByName,
+    bad_model_folders,
+    cli,
+    fast_cfg,
+    form,
+    form_input,
+    run_dirs,
+    wait_for,
+    write_rows,
+)
 
 # (id, values as a user types them, words the answer must contain)
 SETTINGS = [
@@ -105,9 +115,9 @@ def studio(env):
 @pytest.mark.parametrize("cid,values,words", ALL, ids=[c[0] for c in ALL])
 def test_form_answers_with_one_message(studio, env, cid, values, words):
     tmp, models, data = env
-    vals = form(fast_cfg(models["tiny"], data), **resolve(values, models))
+    vals = form_input(fast_cfg(models["tiny"], data), **resolve(values, models))
     with pytest.raises(gr.Error) as e:
-        h.start_training(studio, FORM_KEYS, *vals)
+        train.start_training(studio, FORM, vals)
     msg = str(e.value.message)
     assert has_words(msg, words), msg
     assert "Traceback" not in msg
@@ -117,8 +127,8 @@ def test_form_answers_with_one_message(studio, env, cid, values, words):
 def test_max_length_under_the_template_is_shown_before_start(studio, env):
     """The Model & Data panel answers as soon as max_length changes, before anyone presses Start."""
     tmp, models, data = env
-    vals = form(fast_cfg(models["tiny"], data, max_length=16))
-    summary, df, fig, example, _ = h.inspect_data(studio, FORM_KEYS, *vals)
+    vals = form_input(fast_cfg(models["tiny"], data, max_length=16))
+    summary = model_data.inspect_data(studio, FORM, ByName(), vals)["data_summary"]
     assert has_words(summary, ("0 kept", "max_length 16", "overhead", "raise max_length")), summary
 
 

@@ -200,8 +200,15 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
     page.get_by_role("textbox", name="Message").fill("Tell me a joke")
     page.get_by_role("button", name="Compare with base").click()
     page.wait_for_function("document.querySelector('#cmp-adapter textarea').value.length > 0", timeout=90_000)
-    base_reply = page.locator("#cmp-base textarea").input_value()
-    tuned_reply = page.locator("#cmp-adapter textarea").input_value()
+    # Both answers stream: read them once they have stopped growing, not at their first token (two first tokens
+    # of a tiny model are often the same whitespace).
+    pair, stable_since, deadline = None, time.time(), time.time() + 90
+    while time.time() - stable_since < 3 and time.time() < deadline:
+        now = (page.locator("#cmp-base textarea").input_value(), page.locator("#cmp-adapter textarea").input_value())
+        if now != pair:
+            pair, stable_since = now, time.time()
+        time.sleep(0.2)
+    base_reply, tuned_reply = pair
     # Same prompt, same seed, greedy: only the adapter differs, and the trained adapter changes the answer.
     # (A tiny random model may answer in whitespace: non-empty, not necessarily printable.)
     assert base_reply and tuned_reply and base_reply != tuned_reply, (base_reply, tuned_reply)

@@ -112,3 +112,32 @@ def test_free_text_fields_are_capped_and_not_echoed_whole():
     text = str(e.value)
     assert "system_prompt" in text and "limit is 4,000" in text and "name" in text and "limit is 256" in text
     assert len(text) < 1000
+
+
+def test_a_preset_states_its_target_gpu_as_a_key_that_the_run_config_does_not_keep(tmp_path):
+    from qlora_ui.presets import preset_target_gb
+
+    assert preset_target_gb("gpu-65b-48gb") == 48 and preset_target_gb("gpu-7b-24gb") == 24
+    assert preset_target_gb("qlora-paper") is None and preset_target_gb("no-such-preset") is None
+    cfg = from_yaml("name: x\ntarget_gpu_gb: 40\nlora:\n  lora_r: 8\n")
+    assert cfg.lora.lora_r == 8 and "target_gpu_gb" not in to_yaml(cfg)
+    with pytest.raises(ConfigError, match="target_gpu_gb: 'big' is not a positive number of GB"):
+        from_yaml("target_gpu_gb: big\n")
+    # The GPU size comes from the key, not from the file's name.
+    (tmp_path / "mine-99gb.yaml").write_text("name: mine\n", encoding="utf-8")
+    (tmp_path / "mine.yaml").write_text("name: mine\ntarget_gpu_gb: 12\n", encoding="utf-8")
+    assert preset_target_gb("mine-99gb", tmp_path) is None and preset_target_gb("mine", tmp_path) == 12
+
+
+def test_sub_commands_take_a_subset_of_the_config_flags_with_their_own_aliases():
+    from qlora_ui.cli_flags import add_cli_flags as add
+
+    parser = argparse.ArgumentParser()
+    add(parser, ["batch_size", "double_quant"], aliases={"--batch": "batch_size"}, switches=True)
+    args = parser.parse_args(["--batch", "3", "--no-double-quant"])
+    cfg = apply_cli_flags(RunConfig(), args)
+    assert cfg.training.batch_size == 3 and cfg.quantization.double_quant is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lora-r", "8"])  # not one of this parser's fields
+    with pytest.raises(ValueError, match="not config fields: nope"):
+        add(argparse.ArgumentParser(), ["nope"])

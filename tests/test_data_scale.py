@@ -211,8 +211,8 @@ def test_sample_preview_reads_only_the_first_rows(tokenizer, tmp_path, cache):
 @pytest.mark.parametrize("copied", [True, False])
 def test_resume_refuses_a_changed_dataset(tmp_path, monkeypatch, copied):
     from qlora_ui import runs
-    from qlora_ui.config import ConfigError
-    from qlora_ui.training import TrainingJob
+    from qlora_ui.errors import RunError
+    from qlora_ui.jobs import resume_job
 
     if not copied:
         monkeypatch.setattr(runs, "COPY_DATA_MAX_BYTES", 10)  # "big": used where it lies
@@ -230,13 +230,13 @@ def test_resume_refuses_a_changed_dataset(tmp_path, monkeypatch, copied):
     runs.check_run_dataset(run, str(used))  # unchanged: fine
     used.write_text(used.read_text().replace("Answer 5.", "Answer 6."))
     before = run.config_path.read_text()
-    with pytest.raises(ConfigError, match="has changed since the run started") as e:
-        TrainingJob(run=run, resume=True, overrides={"batch_size": 1, "processes": 2})
+    with pytest.raises(RunError, match="has changed since the run started") as e:
+        resume_job(run, overrides={"batch_size": 1, "processes": 2})
     assert run.name in str(e.value) and ("where it lies" in str(e.value)) is not copied
     assert run.config_path.read_text() == before  # a refused resume changes nothing in the run
     used.unlink()
-    with pytest.raises(ConfigError, match="no longer exists"):
-        TrainingJob(run=run, resume=True)
+    with pytest.raises(RunError, match="no longer exists"):
+        resume_job(run)
 
 
 # ---- in the browser ----

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,12 +22,12 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> RunDir:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from qlora_ui.training import TrainingJob
+    from qlora_ui.jobs import create_job
 
     tmp = tmp_path_factory.mktemp("export-run")
     cfg = fast_cfg(tiny_model_dir, write_rows(tmp / "rows.jsonl"), max_steps=3, save_steps=3,
                    runs_dir=str(tmp / "runs"), name="tiny")
-    job = TrainingJob(cfg)
+    job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     st = job.run.adapter_dir / "adapter_model.safetensors"
     weights = load_file(st)
@@ -69,14 +70,18 @@ def test_merged_folder_is_the_adapter_added_to_dequantized_weights(tiny_run, tmp
     expect = deq[key].float() + (cfg.lora.lora_alpha / cfg.lora.lora_r) * (b @ a)
     got = model.get_submodule(key).weight.float()
     assert (b @ a).abs().max() > 1e-3  # the update is real, so the check below can fail
-    assert torch.allclose(got, expect, atol=2e-2, rtol=1e-2)
+    # Measured: 2.4e-4 from expect (the bf16 rounding of the saved weights), while NF4 moved these weights by up
+    # to 0.0078 from the originals: a tolerance under that round-off, or merging into the wrong weights passes.
+    tol = dict(atol=1e-3, rtol=0)
+    assert torch.allclose(got, expect, **tol)
     orig = AutoModelForCausalLM.from_pretrained(cfg.model.base_model).get_submodule(key).weight.float()
     assert not torch.allclose(got, orig + (cfg.lora.lora_alpha / cfg.lora.lora_r) * (b @ a), atol=1e-4)
 
     # --merge-into base: the original 16-bit weights instead.
     res2 = ex.export_run(tiny_run, "merged", out=tmp_path / "base", merge_into="base")
     got2 = AutoModelForCausalLM.from_pretrained(res2.path).get_submodule(key).weight.float()
-    assert torch.allclose(got2, orig + (cfg.lora.lora_alpha / cfg.lora.lora_r) * (b @ a), atol=2e-2, rtol=1e-2)
+    assert torch.allclose(got2, orig + (cfg.lora.lora_alpha / cfg.lora.lora_r) * (b @ a), **tol)
+    assert float((got2 - got).abs().max()) > 4e-3  # the two merges differ by the NF4 round-off
 
 
 def test_gguf_q8_and_modelfile_from_the_cli(tiny_run, tmp_path, tokenizer):
@@ -91,13 +96,19 @@ def test_gguf_q8_and_modelfile_from_the_cli(tiny_run, tmp_path, tokenizer):
     assert 'TEMPLATE """' in mf and "{{ .Content }}" in mf and "<|im_start|>assistant\n" in mf
     assert 'PARAMETER stop "<|im_end|>"' in mf
 
-    # llama.cpp loads it and reads the tokenizer the converter wrote.
-    from llama_cpp import Llama
+    # llama.cpp loads it and reads the tokenizer the converter wrote (in a child process: native code never runs
+    # in the test runner, so a fault there fails this test only).
+    from qlora_ui.native.client import LlamaCppProcess
 
-    llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False)
-    assert llm.n_vocab() == 49152
-    text = "Ahoy matey, where be the treasure?"
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text, add_special_tokens=False)
+    llm = LlamaCppProcess(gguf, n_ctx=256)
+    llm.start()
+    try:
+        assert llm.n_vocab == 49152
+        text = "Ahoy matey, where be the treasure?"
+        assert llm.call("tokenize", text=text, add_bos=False, special=True) == tokenizer.encode(
+            text, add_special_tokens=False)
+    finally:
+        llm.close()
 
 
 def test_modelfile_template_renders_like_the_models_own(tokenizer):
@@ -119,6 +130,8 @@ def test_llama_cpp_chat_streams(tiny_run, tmp_path):
     assert len(parts) >= 2 and all(b.startswith(a) for a, b in zip(parts, parts[1:]))
     again = list(eng.stream([{"role": "user", "content": "Hello"}], GenerationSettings(max_new_tokens=40)))
     assert again[-1] == parts[-1]  # greedy: the same settings give the same reply
+    assert eng.pid is not None and eng.pid != os.getpid()  # llama.cpp ran in a child process
+    eng.close()
 
 
 # ---- bad input: one clear message, exit 2, nothing half-written ----
@@ -170,7 +183,7 @@ def test_full_disk_before_and_during(tmp_path, tiny_run, monkeypatch):
         real_save(run, folder, merge_into, progress)  # a half-written export exists on disk at this point
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ex, "_save_merged", save_then_fill)
+    monkeypatch.setattr(ex.write, "_save_merged", save_then_fill)  # export_run (write.py) calls it
     with pytest.raises(ex.ExportError, match="full"):
         ex.export_run(tiny_run, "merged", out=tmp_path / "b")
     assert leftovers(tmp_path / "b") == []
@@ -194,7 +207,7 @@ def test_tensorboard_events_one_scalar_per_logged_step(tiny_run):
 
 def test_chat_follows_the_newest_run_with_an_adapter_unless_the_user_picked(tiny_run, tmp_path):
     from qlora_ui.studio import Studio
-    from qlora_ui.ui import handlers as h
+    from qlora_ui.ui.tabs import chat as h
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -209,22 +222,24 @@ def test_chat_follows_the_newest_run_with_an_adapter_unless_the_user_picked(tiny
 
 def test_export_panel_runs_in_the_background_and_reports(tiny_run, tmp_path):
     import gradio as gr
+    from fault_helpers import ByName
 
     from qlora_ui.studio import Studio
-    from qlora_ui.ui import export_panel as ep
+    from qlora_ui.ui.tabs import export as ep
 
     runs = tmp_path / "runs"
     runs.mkdir()
     shutil.copytree(tiny_run.path, runs / tiny_run.name, ignore=shutil.ignore_patterns("export"))
     studio, jobs = Studio(runs), ex.ExportJobs()
     with pytest.raises(gr.Error):
-        ep.start_export(studio, jobs, None, ep.GGUF, "q8_0")
-    html, _ = ep.start_export(studio, jobs, tiny_run.name, ep.MERGED, "q8_0")
+        ep.start_export(studio, jobs, ByName(), None, ep.GGUF, "q8_0")
+    html = ep.start_export(studio, jobs, ByName(), tiny_run.name, ep.MERGED, "q8_0")["progress"]
     assert 'data-state="running"' in html
     with pytest.raises(gr.Error, match="already being exported"):
-        ep.start_export(studio, jobs, tiny_run.name, ep.MERGED, "q8_0")
+        ep.start_export(studio, jobs, ByName(), tiny_run.name, ep.MERGED, "q8_0")
     jobs.get(tiny_run.name).thread.join(300)
-    prog, files, cmd, _ = ep.poll_export(studio, jobs, tiny_run.name)
+    shown = ep.poll_export(studio, jobs, ByName(), tiny_run.name)
+    prog, files, cmd = shown["progress"], shown["files"], shown["commands"]
     assert 'data-state="finished"' in prog and files[0].endswith(".zip") and "from_pretrained" in cmd
     import zipfile
 
@@ -233,10 +248,11 @@ def test_export_panel_runs_in_the_background_and_reports(tiny_run, tmp_path):
 
 def test_chat_handlers_pick_the_backend_from_the_adapter_list(tiny_run, tmp_path):
     import gradio as gr
+    from fault_helpers import ByName, chat_input
 
     from qlora_ui.studio import Studio
-    from qlora_ui.ui import handlers as h
-    from qlora_ui.ui.chat_tab import LLAMA_CPP, NO_GGUF, TRANSFORMERS
+    from qlora_ui.ui.tabs import chat as h
+    from qlora_ui.ui.tabs.chat import LLAMA_CPP, NO_GGUF, TRANSFORMERS
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -244,32 +260,31 @@ def test_chat_handlers_pick_the_backend_from_the_adapter_list(tiny_run, tmp_path
     studio = Studio(runs)
     run = studio.open(tiny_run.name)
     assert h.adapter_options(studio, run.name, LLAMA_CPP)["choices"] == [NO_GGUF]
-    settings = ("", 0.0, 0.9, 32, 0)
     with pytest.raises(gr.Error, match="no GGUF export yet"):
-        list(h.send_message(studio, run.name, NO_GGUF, *settings, "Hi", []))
+        list(h.send_message(studio, ByName(), chat_input(run.name, NO_GGUF, "Hi")))
 
     ex.export_run(run, "gguf", "q8_0")
     opts = h.adapter_options(studio, run.name, LLAMA_CPP)["choices"]
     assert opts == [f"{run.name}-q8_0.gguf"]
     assert h.adapter_options(studio, run.name, TRANSFORMERS)["choices"][0] == "final adapter"
-    updates = list(h.send_message(studio, run.name, opts[0], *settings, "Hi", []))
+    updates = list(h.send_message(studio, ByName(), chat_input(run.name, opts[0], "Hi")))
     assert studio.gguf_chat.path.endswith(opts[0]) and len(updates) >= 3
-    assert updates[-1][0][-1]["role"] == "assistant" and updates[-1][0][-1]["content"]
+    assert updates[-1]["chatbot"][-1]["role"] == "assistant" and updates[-1]["chatbot"][-1]["content"]
 
 
 def test_tensorboard_after_resume_has_one_scalar_per_step(tiny_model_dir, tmp_path):
     """A crash after step 4 with only checkpoint-2 saved: the resumed run logs steps 3-4 again; TensorBoard
     shows each step once, with the values of the resumed run (as metrics.jsonl does)."""
+    from qlora_ui.jobs import create_job, resume_job
     from qlora_ui.tboard import read_scalars
-    from qlora_ui.training import TrainingJob
 
     cfg = fast_cfg(tiny_model_dir, write_rows(tmp_path / "rows.jsonl"), max_steps=4, save_steps=2,
                    runs_dir=str(tmp_path / "runs"), name="resume")
-    job = TrainingJob(cfg)
+    job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     shutil.rmtree(job.run.checkpoints_dir / "checkpoint-4")
     job.run.write_status("failed", "pretend it crashed after step 4")  # a finished run is not resumable
-    again = TrainingJob(run=job.run, resume=True)
+    again = resume_job(job.run)
     assert again.run_blocking() == "finished", again.error_message
     rows = [r for r in job.run.read_metrics() if "loss" in r]
     loss = read_scalars(job.run.path)["train/loss"]

@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     from qlora_ui.config import load_preset
-    from qlora_ui.training import TrainingJob
+    from qlora_ui.jobs import create_job
 
     tmp = tmp_path_factory.mktemp("real-export")
     cfg = load_preset("cpu-quickstart").updated(max_steps=4, batch_size=4, save_steps=4, eval_steps=0,
                                                 runs_dir=str(tmp / "runs"), name="pirate")
-    job = TrainingJob(cfg)
+    job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     return job.run
 
@@ -47,7 +47,6 @@ def test_merged_folder_loads_without_peft(exported):
 
 def test_gguf_next_token_argmax_matches_the_merged_model(exported, real_run):
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged, gguf = exported
@@ -59,7 +58,10 @@ def test_gguf_next_token_argmax_matches_the_merged_model(exported, real_run):
     # The merged weights computed in float32, as llama.cpp does: bf16 activations alone move ~3% of the argmaxes
     # (an f16 GGUF agrees with the fp32 computation at every position; see docs/export.md).
     model = AutoModelForCausalLM.from_pretrained(merged.path, dtype=torch.float32).eval()
-    llm = Llama(model_path=str(gguf.path), n_ctx=512, logits_all=True, verbose=False)
+    from qlora_ui.native.client import LlamaCppProcess
+
+    llm = LlamaCppProcess(gguf.path, n_ctx=512, logits_all=True)  # a child process: a fault fails this test only
+    llm.start()
     from qlora_ui.data import render_chat
 
     prompts = ["Where is the treasure buried?", "What is your favourite food?", "Tell me about the sea.",
@@ -70,10 +72,9 @@ def test_gguf_next_token_argmax_matches_the_merged_model(exported, real_run):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             hf = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
-        llm.reset()
-        llm.eval(ids)
-        gg = llm.scores[: len(ids)].argmax(-1).tolist()
+        gg = llm.call("argmax", tokens=ids)
         same += sum(a == b for a, b in zip(hf, gg))
         total += len(ids)
+    llm.close()
     assert total > 200
     assert same / total >= 0.90, f"GGUF Q8_0 agrees with the merged model at {same}/{total} positions"

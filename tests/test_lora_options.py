@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qlora_ui.config import ConfigError, RunConfig
+from qlora_ui.jobs import create_job
 from qlora_ui.modeling import load_for_training
-from qlora_ui.training import TrainingJob
 
 OPTIONS = {"loftq": dict(lora_init="loftq"), "gaussian": dict(lora_init="gaussian"), "dora": dict(use_dora=True),
            "rslora": dict(use_rslora=True)}
@@ -88,15 +88,26 @@ def test_loftq_brings_each_4bit_layer_closer_to_its_original_weight(tiny_model_d
 
 
 def test_loftq_init_with_rslora_scaling_is_the_same_correction(tiny_model_dir):
+    """rsLoRA changes the scaling (alpha/sqrt(r) instead of alpha/r); LoftQ divides it out, so B·A·scaling (the
+    correction the 4-bit layer gets) is the same either way."""
+    import math
+
     from qlora_ui.loftq import apply_loftq
 
-    reports = {}
+    reports, models = {}, {}
     for rs in (False, True):
         cfg = cfg_for(tiny_model_dir, use_rslora=rs)
-        reports[rs] = apply_loftq(load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model,
-                                  str(tiny_model_dir))
+        models[rs] = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
+        reports[rs] = apply_loftq(models[rs], str(tiny_model_dir))
     for name, (_, after) in reports[False].errors.items():
         assert reports[True].errors[name][1] == pytest.approx(after, rel=1e-3)
+    for i in range(2):
+        plain, rs = (models[k].base_model.model.model.layers[i].self_attn.q_proj for k in (False, True))
+        assert plain.scaling["default"] == pytest.approx(16 / 8)
+        assert rs.scaling["default"] == pytest.approx(16 / math.sqrt(8))
+        delta = [layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+                 for layer in (plain, rs)]
+        assert float(delta[0].abs().max()) > 1e-3 and torch.allclose(delta[0], delta[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("option", ["dora", "rslora", "loftq"])
@@ -125,7 +136,7 @@ def test_a_run_records_the_options_and_logs_loftq(tiny_model_dir, tmp_path):
     cfg = cfg_for(tiny_model_dir, lora_init="loftq", use_rslora=True, data_path=str(data), max_steps=2,
                   batch_size=2, eval_fraction=0.0, save_steps=100, runs_dir=str(tmp_path / "runs"), name="opt",
                   optimizer="adamw_torch", gradient_checkpointing=False)
-    job = TrainingJob(cfg)
+    job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     again = job.run.config()
     assert (again.lora.lora_init, again.lora.use_rslora, again.lora.use_dora) == ("loftq", True, False)

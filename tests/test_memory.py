@@ -361,31 +361,36 @@ def test_memory_panel_builds_components():
 
 # ---------------------------------------------------------------- against a measured training step
 
-def measure(model: str, batch: int, seq: int) -> dict:
+def measure(model: str, batch: int, seq: int) -> list[dict]:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "measure_memory.py"), "--model", model,
-                           "--batch", str(batch), "--seq", str(seq), "--json", "--threads", "1", "--also-trim"],
+                           "--batch", str(batch), "--seq", str(seq), "--json", "--threads", "1", "--tensors"],
                           capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
 
 
+# est/measured against the live tensors, as measured (docs/memory.md, "Estimate vs measurement"): tiny 1.00,
+# bundled 1.05 — the same in every run and on every CPU path tried, because the tally counts tensors only. The
+# bundled model's 5% is the planner counting the LoRA gradients (20 MB) at the loss phase, which comes before
+# backward has made any. The band leaves 3% below and above those.
+TENSOR_BAND = (0.97, 1.08)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["tiny", "bundled"])
 def test_estimate_matches_a_measured_step_as_documented(case, tiny_model_dir, bundled_dir):
-    """A real NF4 + LoRA training step (2 steps, so the optimizer state exists): the planner's step memory
-    (gradients + optimizer + activations) against the measured peak RSS increase, to what docs/memory.md claims:
-    within 20% of the RSS increase, within 8% of the live tensors (heap trimmed) for the bundled model, the loaded
-    model to 10%."""
+    """A real NF4 + LoRA training step (2 steps, so the optimizer state exists), to what docs/memory.md claims:
+    the planner's step memory (gradients + optimizer + activations) within 20% of the measured peak RSS increase
+    (what a user sees; it moves with glibc and with the kernels oneDNN picks for the CPU), its tensor part within
+    TENSOR_BAND of the peak of the live tensors the step creates (bench/measure_memory.py's TensorTally: the
+    allocator's view, independent of the CPU), and the loaded model to 10%."""
     model, batch, seq = (str(tiny_model_dir), 2, 128) if case == "tiny" else (str(bundled_dir), 2, 256)
     rows = [{k: v for k, v in r.items() if k != "raw"} for r in measure(model, batch, seq)]
     row = next(r for r in rows if "ratio" in r)
+    print(json.dumps(row))  # with -s, the numbers behind the verdict (docs/memory.md records them per CPU)
     assert 0.8 <= row["ratio"] <= 1.2, row
-    trimmed = [r.get("ratio_trim") for r in rows if r.get("ratio_trim") is not None]
-    # The tiny model's whole step is 0.18 GB, so a few tens of MB of kernel workspace that differ between CPUs
-    # (CI's CPU measured 0.87 where this one measures 1.00) move it by more than 8%: the tight claim is the
-    # bundled model's, the tiny one is held to the same band as the plain RSS.
-    low, high = (0.92, 1.08) if case == "bundled" else (0.8, 1.2)
-    assert trimmed and all(low <= t <= high for t in trimmed), rows
+    low, high = TENSOR_BAND
+    assert row.get("ratio_tensors") is not None and low <= row["ratio_tensors"] <= high, row
     # The loaded weights too: NF4 + constants + fp32 embeddings + adapters, against the tensors in memory.
     assert row["est_static_gb"] == pytest.approx(row["tensor_gb"], rel=0.1)
 

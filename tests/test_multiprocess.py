@@ -15,14 +15,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fault_helpers import ROOT, fast_cfg, form, run_dirs, wait_for, write_rows
+from fault_helpers import FORM, ROOT, ByName, fast_cfg, form_input, run_dirs, wait_for, write_rows
 
 from qlora_ui.launch import failure_from_log, launch_command
+from qlora_ui.resume_rules import resumable_runs
 from qlora_ui.runs import RunDir
 from qlora_ui.studio import Studio
 from qlora_ui.training import TrainingJob
-from qlora_ui.ui import handlers as h
-from qlora_ui.ui.app import FORM_KEYS
+from qlora_ui.ui.tabs import train as train_tab
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,36 @@ COMMON = ["--eval-fraction", "0", "--lora-dropout", "0", "--group-by-length", "f
           "--quiet"]
 
 
-def train(*args, timeout=300) -> subprocess.CompletedProcess:
+def train(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qlora_ui", "train", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# Loaded by every Python process of a run (the CLI, accelerate's launcher, each rank) through PYTHONPATH: logs
+# which loss function each rank's step called, and on what model object. The loss value cannot tell: the DDP
+# branch's kept_logits_loss and a fall-back to the model's full-logits loss give the same number.
+LOSS_SPY = """
+import os, sys
+sys.path.insert(1, os.environ["QLORA_SPY_ROOT"])
+import qlora_ui.batching as b
+
+def spy(name, real):
+    def call(model, *a, **kw):
+        with open(os.environ["QLORA_SPY"], "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {name} {type(model).__name__}\\n")
+        return real(model, *a, **kw)
+    return call
+
+b.labelled_loss = spy("labelled_loss", b.labelled_loss)
+b.kept_logits_loss = spy("kept_logits_loss", b.kept_logits_loss)
+"""
+
+
+def spied_env(tmp: Path) -> tuple[dict, Path]:
+    (tmp / "spy").mkdir()
+    (tmp / "spy" / "sitecustomize.py").write_text(LOSS_SPY)
+    log = tmp / "spy" / "calls.txt"
+    return {**os.environ, "PYTHONPATH": str(tmp / "spy"), "QLORA_SPY": str(log), "QLORA_SPY_ROOT": str(ROOT)}, log
 
 
 def start(*args) -> subprocess.Popen:
@@ -73,8 +100,12 @@ def data(tmp_path) -> Path:
 
 def test_two_processes_match_one_process_step_by_step(tiny_model_dir, data, tmp_path):
     base = ["--base-model", tiny_model_dir, "--data", data, "--max-steps", 4, *COMMON]
-    two = train(*base, "--runs-dir", tmp_path / "two", "--processes", 2, "--batch-size", 2)
+    env, calls = spied_env(tmp_path)
+    two = train(*base, "--runs-dir", tmp_path / "two", "--processes", 2, "--batch-size", 2, env=env)
     assert two.returncode == 0, two.stdout + two.stderr
+    # Each rank's 4 steps ran the labelled-positions loss through the DDP wrapper (it syncs the gradients).
+    assert sorted(calls.read_text().splitlines() if calls.exists() else []) == sorted(
+        f"{rank} kept_logits_loss DistributedDataParallel" for rank in (0, 1) for _ in range(4))
     assert "global batch 4 = batch_size 2 x grad_accum 1 x 2 processes" in two.stderr
     one = train(*base, "--runs-dir", tmp_path / "one", "--batch-size", 4)
     assert one.returncode == 0, one.stderr
@@ -163,8 +194,8 @@ def test_killing_one_rank_marks_the_run_failed_and_it_resumes(tiny_model_dir, da
 
     # Offered for Resume in the UI, and resumable (here with 1 process) from its checkpoint.
     studio = Studio(runs, model_roots=[tiny_model_dir])
-    assert run.name in h.resumable_runs(studio)
-    done = int(ckpt.name.split("-")[-1])
+    assert run.name in resumable_runs(studio)
+    done = RunDir.checkpoint_step(ckpt)
     res = train("--resume", run, "--processes", 1, "--max-steps", done + 2, "--quiet")
     assert res.returncode == 0, res.stderr
     assert [r["step"] for r in loss_rows(run)] == list(range(1, done + 3))
@@ -173,21 +204,22 @@ def test_killing_one_rank_marks_the_run_failed_and_it_resumes(tiny_model_dir, da
 def test_the_ui_starts_follows_and_stops_a_two_process_run(tiny_model_dir, data, tmp_path):
     studio = Studio(tmp_path / "runs", model_roots=[tiny_model_dir])
     cfg = fast_cfg(tiny_model_dir, data, processes=2, max_steps=2000, save_steps=1000)
-    h.start_training(studio, FORM_KEYS, *form(cfg))
+    train_tab.start_training(studio, FORM, form_input(cfg))
     job = studio.job
     assert studio.busy()
     wait_for(lambda: len(job.metrics) >= 3, 120, "the followed run's metrics")
-    prog, fig, log, seen, stop = h.poll_training(studio, None)  # what the Train tab draws
+    shown = train_tab.poll_training(studio, ByName(), None)  # what the Train tab draws
+    prog, fig, stop = shown["progress"], shown["plot"], shown["stop"]
     assert 'data-state="running"' in prog and fig is not None and stop["interactive"]
     assert job.metrics[-1]["world_size"] == 2
     with pytest.raises(Exception, match="already in progress"):
-        h.start_training(studio, FORM_KEYS, *form(cfg))  # still one run at a time
+        train_tab.start_training(studio, FORM, form_input(cfg))  # still one run at a time
 
-    h.stop_training(studio)
+    train_tab.stop_training(studio)
     assert job.wait(120) == "stopped", job.error_message
     assert not ranks_of(job.run.path)
     assert job.run.has_adapter() and job.run.last_checkpoint() is not None
-    prog = h.poll_training(studio, None)[0]
+    prog = train_tab.poll_training(studio, ByName(), None)["progress"]
     assert 'data-state="stopped"' in prog
 
 
@@ -195,7 +227,7 @@ def test_out_of_memory_offers_retry_smaller_from_the_checkpoint(tiny_model_dir, 
     import torch
     from transformers import TrainerCallback
 
-    import qlora_ui.studio as studio_mod
+    import qlora_ui.jobs as jobs_mod
 
     class OOM(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -203,15 +235,15 @@ def test_out_of_memory_offers_retry_smaller_from_the_checkpoint(tiny_model_dir, 
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     studio = Studio(tmp_path / "runs", model_roots=[tiny_model_dir])
-    monkeypatch.setattr(studio_mod, "TrainingJob", functools.partial(TrainingJob, extra_callbacks=[OOM()]))
-    h.start_training(studio, FORM_KEYS, *form(fast_cfg(tiny_model_dir, data, batch_size=4, grad_accum=1,
+    monkeypatch.setattr(jobs_mod, "TrainingJob", functools.partial(TrainingJob, extra_callbacks=[OOM()]))
+    train_tab.start_training(studio, FORM, form_input(fast_cfg(tiny_model_dir, data, batch_size=4, grad_accum=1,
                                                         max_steps=6, save_steps=2)))
     assert studio.job.wait(120) == "failed"
     run = studio.job.run
-    assert h.retry_button(studio, run.name)["visible"] is True
-    assert h.retry_button(studio, None)["visible"] is False
+    assert train_tab.retry_button(studio, run.name)["visible"] is True
+    assert train_tab.retry_button(studio, None)["visible"] is False
 
-    h.retry_smaller(studio, run.name)  # the button beside the OOM message
+    train_tab.retry_smaller(studio, run.name)  # the button beside the OOM message
     assert studio.job.wait(120) == "finished", studio.job.error_message
     tr = run.config().training
     assert (tr.batch_size, tr.grad_accum) == (2, 2)  # same global batch, half the memory per step
@@ -251,7 +283,7 @@ def test_a_request_cannot_name_an_accelerate_file_of_its_own(tiny_model_dir, dat
     evil.write_text("distributed_type: MULTI_GPU\n")
     cfg = fast_cfg(tiny_model_dir, data, processes=2, accelerate_config=str(evil))
     with pytest.raises(gr.Error, match="pick one of"):
-        h.start_training(studio, FORM_KEYS, *form(cfg))
+        train_tab.start_training(studio, FORM, form_input(cfg))
     assert not studio.busy() and not run_dirs(tmp_path / "runs")
 
 
@@ -264,8 +296,8 @@ def test_an_app_started_later_follows_and_stops_a_running_multi_process_run(tiny
         studio = Studio(runs, model_roots=[tiny_model_dir])  # e.g. the app restarted on the same folder
         assert studio.busy() and studio.job.run.path == run
         wait_for(lambda: len(studio.job.metrics) >= 2, 30, "the attached job to read the curve")
-        assert 'data-state="running"' in h.poll_training(studio, None)[0]
-        h.stop_training(studio)  # Stop works for a run this app did not launch
+        assert 'data-state="running"' in train_tab.poll_training(studio, ByName(), None)["progress"]
+        train_tab.stop_training(studio)  # Stop works for a run this app did not launch
         assert studio.job.wait(120) == "stopped", studio.job.error_message
         out, _ = proc.communicate(timeout=60)
     finally:

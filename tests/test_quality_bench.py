@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def load_bench():
     if "bench_quality" not in sys.modules:  # bench/ is scripts, not a package
+        if str(ROOT / "bench") not in sys.path:  # as when run as a script: bench/common.py imports as `common`
+            sys.path.append(str(ROOT / "bench"))
         spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules["bench_quality"] = mod  # dataclasses look their module up here

@@ -19,13 +19,13 @@ def test_bundled_model_learns_in_10_steps_and_adapter_reloads(tmp_path, bundled_
 
     from qlora_ui.config import load_preset
     from qlora_ui.data import render_chat
+    from qlora_ui.jobs import create_job
     from qlora_ui.modeling import load_base_model, load_tokenizer
-    from qlora_ui.training import TrainingJob
 
     assert (bundled_dir / "model.safetensors").is_file() and (bundled_dir / "config.json").is_file()
     cfg = load_preset("cpu-quickstart").updated(max_steps=10, save_steps=10, eval_steps=0, eval_fraction=0.02,
                                                   runs_dir=str(tmp_path / "runs"), batch_size=4)
-    job = TrainingJob(cfg)
+    job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     assert job.footprint_bytes > 0
     losses = [r["loss"] for r in job.run.read_metrics() if "loss" in r]
@@ -66,7 +66,7 @@ def test_eval_mid_training_keeps_every_lora_gradient_on_the_real_model(tmp_path,
     from transformers import TrainerCallback
 
     from qlora_ui.config import load_preset
-    from qlora_ui.training import TrainingJob
+    from qlora_ui.jobs import create_job
 
     zero_counts = []
 
@@ -77,7 +77,7 @@ def test_eval_mid_training_keeps_every_lora_gradient_on_the_real_model(tmp_path,
 
     cfg = load_preset("cpu-quickstart").updated(max_steps=4, eval_steps=2, save_steps=100, batch_size=2,
                                                   eval_fraction=0.01, runs_dir=str(tmp_path / "runs"))
-    job = TrainingJob(cfg, extra_callbacks=[GradProbe()])
+    job = create_job(cfg, extra_callbacks=[GradProbe()])
     assert job.run_blocking() == "finished", job.error_message
     assert [r["step"] for r in job.run.read_metrics() if "eval_loss" in r][:1] == [2]
     assert zero_counts == [0, 0, 0, 0]

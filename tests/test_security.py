@@ -18,10 +18,11 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from qlora_ui.studio import Studio
-from qlora_ui.ui import handlers as h
-from qlora_ui.ui.app import FORM_KEYS
+from qlora_ui.ui.tabs import runs as runs_tab
 from tests.fault_helpers import (
+    FORM,
     ROOT,
+    ByName,
     bad_model_folders,
     fake_hub_repo,
     fast_cfg,
@@ -33,6 +34,7 @@ from tests.fault_helpers import (
 
 AUTH = ("alice", "correct horse")
 BOB = ("bob", "battery staple")  # the login-throttling test locks this user out; the others sign in as alice
+CAROL = ("carol", "purple monkey dishwasher")  # locked out by the eviction test
 HUB_REPO = "evil-org/evil-model"
 CAP = 4096  # --max-file-size, bytes
 
@@ -48,6 +50,7 @@ def app_exit(*flags: str, tmp: Path) -> subprocess.CompletedProcess:
 def test_exposure_without_a_login_refuses_to_start(flags, tmp_path):
     empty = tmp_path / "auth.txt"
     empty.write_text("# no users yet\n")
+    empty.chmod(0o600)
     out = app_exit(*[str(empty) if f == "EMPTY" else f for f in flags], tmp=tmp_path)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error:") and "--auth" in out.stderr and "Traceback" not in out.stderr
@@ -90,13 +93,13 @@ def secured(tmp_path_factory, tiny_model_dir, bundled_dir):
     hub_marker = tmp / "REMOTE-CODE-RAN"
     fake_hub_repo(tmp / "hub", HUB_REPO, tiny_model_dir, hub_marker)
     auth_file = tmp / "users.txt"
-    auth_file.write_text(f"{AUTH[0]}:{AUTH[1]}\n{BOB[0]}:{BOB[1]}\n")
+    auth_file.write_text("".join(f"{u}:{p}\n" for u, p in (AUTH, BOB, CAROL)))
     auth_file.chmod(0o600)
     env = {"HF_HUB_CACHE": str(tmp / "hub"), "HF_MODULES_CACHE": str(tmp / "modules"),
            "GRADIO_TEMP_DIR": str(tmp / "gradio-cache"), "TMPDIR": str(tmp / "tmp")}
     (tmp / "tmp").mkdir()
     proc, url = start_app(tmp, tiny_model_dir, "--auth-file", str(auth_file), "--max-file-size", f"{CAP}b",
-                          env_extra=env)
+                          "--allowed-host", "studio.example.net", env_extra=env)
     log = next(tmp.glob("app-*.log"))
     yield dict(tmp=tmp, url=url, proc=proc, models=models, outside=outside, fake=fake, victim=victim, data=data,
                hub_marker=hub_marker, env=env, log=log)
@@ -189,7 +192,7 @@ def test_a_server_path_cannot_pose_as_an_upload(secured):
     c = logged_in(secured["url"])
     vals = form(fast_cfg(secured["models"]["tiny"], secured["data"]))
     for path in [str(secured["tmp"] / "secret.txt"), "/etc/passwd", str(secured["fake"] / "config.yaml")]:
-        vals[FORM_KEYS.index("data_path")] = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        vals[FORM.keys.index("data_path")] = {"path": path, "meta": {"_type": "gradio.FileData"}}
         event = c.post("/gradio_api/call/inspect_data", json={"data": vals}).json()["event_id"]
         text = c.get(f"/gradio_api/call/inspect_data/{event}").text
         assert "event: error" in text and "not uploaded by a user" in text, text[:300]
@@ -212,9 +215,9 @@ def test_run_names_cannot_escape_the_runs_dir(secured):
     studio = Studio(secured["tmp"] / "runs")
     for name in ["../victim", str(secured["victim"]), f"{secured['fake'].name}/../../victim"]:
         with pytest.raises(gr.Error):
-            h.delete_run(studio, name)
+            runs_tab.delete_run(studio, name)
         with pytest.raises(gr.Error):
-            h.run_details(studio, name)
+            runs_tab.run_details(studio, ByName(), name)
     assert (secured["victim"] / "config.yaml").is_file()
 
 
@@ -277,7 +280,7 @@ def test_remote_code_and_pickles_cannot_be_turned_on_by_a_request(secured):
     models = secured["models"]
     # Off by default in the form the app serves.
     preset = queue_call(c, "load_preset", ["cpu-quickstart"])[-1]["output"]["data"]
-    assert preset[FORM_KEYS.index("trust_remote_code")] is False and preset[FORM_KEYS.index("allow_pickle")] is False
+    assert preset[FORM.keys.index("trust_remote_code")] is False and preset[FORM.keys.index("allow_pickle")] is False
 
     data = upload(c, secured["data"])
     before = run_dirs(secured["tmp"] / "runs")
@@ -388,17 +391,23 @@ def test_huge_chat_messages_are_refused_and_others_still_answered(secured):
 
 @pytest.mark.slow
 def test_an_abandoned_chat_stops_generating(secured):
-    """Finding 2b: generation went on for nobody after the client left, holding the model for everyone else."""
+    """Finding 2b: generation went on for nobody after the client left, holding the model for everyone else.
+    Checked at the batch server: its decode loop logs the row leaving with the tokens it was given (the reader's
+    own "generation stopped" line is written whether or not the worker honours the cancel)."""
+    import re
     import time
 
     c = logged_in(secured["url"])
     chat_call(c, "Hi")  # model loaded
-    before = secured["log"].read_text().count("generation stopped")
+    said = re.compile(r"chat row left the batch: its reader went away after (\d+) tokens")
+    before = len(said.findall(secured["log"].read_text()))
     done, _ = chat_call(c, "Write a very long story about a dragon, in twenty chapters.", max_new_tokens=1024,
                         abandon_after=3)
     assert done is None
-    wait_for(lambda: secured["log"].read_text().count("generation stopped") > before, 30,
-             "the app to stop generating for the client that left")
+    wait_for(lambda: len(said.findall(secured["log"].read_text())) > before, 30,
+             "the batch server to drop the row of the client that left")
+    tokens = int(said.findall(secured["log"].read_text())[before])
+    assert 3 <= tokens < 50, tokens  # of 1,024 asked for: it left soon after the hang-up
     t0 = time.time()
     done, _ = chat_call(logged_in(secured["url"]), "Say yes.", max_new_tokens=8)
     assert done["success"] is True and time.time() - t0 < 30
@@ -456,7 +465,7 @@ def test_a_foreign_origin_gets_no_credentialed_access(secured):
     """Finding 5: reached by a non-localhost name, Gradio granted any Origin with credentials."""
     c = logged_in(secured["url"])
     cookies = dict(c.cookies)
-    host = {"Host": "studio.example.net"}  # as behind a share link or a LAN name
+    host = {"Host": "studio.example.net"}  # as behind a share link or a LAN name (--allowed-host)
     evil = {**host, "Origin": "https://evil.example"}
     pre = httpx.options(secured["url"] + "/gradio_api/call/list_runs", headers={
         **evil, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
@@ -525,9 +534,9 @@ def test_bundled_presets_cannot_be_replaced(secured):
         api.predict("sec-test-mine", *vals, api_name="/save_preset")
         assert user.is_file() and "999999" in user.read_text()
         loaded = api.predict("sec-test-mine", api_name="/load_preset")
-        assert loaded[FORM_KEYS.index("max_steps")] == 999999
+        assert loaded[FORM.keys.index("max_steps")] == 999999
         loaded = api.predict("cpu-quickstart", api_name="/load_preset")
-        assert loaded[FORM_KEYS.index("max_steps")] != 999999
+        assert loaded[FORM.keys.index("max_steps")] != 999999
     finally:
         user.unlink(missing_ok=True)
 
@@ -562,9 +571,20 @@ def test_adapter_zips_do_not_pile_up(secured):
     downloads = [api.predict(run.name, api_name="/run_details")[2] for _ in range(6)]
     assert all(downloads)
     assert len(zips(tmp)) == 1 and len(zips(cache)) == 1, (zips(tmp), zips(cache))
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(200_000))  # a new adapter version
-    api.predict(run.name, api_name="/run_details")
+    import zipfile
+
+    def inside(update) -> bytes:  # the adapter weights in the zip the client downloaded
+        return zipfile.ZipFile(update["value"]).read("adapter_model.safetensors")
+
+    first = inside(downloads[-1])
+    assert first == (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    new = os.urandom(200_000)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(new)  # a new adapter version
+    served = api.predict(run.name, api_name="/run_details")[2]
     assert len(zips(tmp)) == 1, zips(tmp)
+    # The zip served is the new adapter, not the one cached for the old version.
+    assert inside(served) == new
+    assert zipfile.ZipFile(zips(tmp)[0]).read("adapter_model.safetensors") == new
     shutil.rmtree(run)
 
 
@@ -614,3 +634,312 @@ def test_loading_never_unpickles_a_bin_only_folder_without_allow_pickle(tmp_path
         load_base_model(str(folder), ModelConfig(base_model=str(folder)), QuantConfig())
     assert "safetensors" in str(e.value).lower(), e.value
     assert not (tmp_path / "PWNED").exists()
+
+
+# ---- a stranger's link, round three (issue 24): DNS rebinding, login memory, other ports, model paths ----
+
+@pytest.fixture(scope="module")
+def open_app(tmp_path_factory, tiny_model_dir):
+    """The default launch: loopback, no login (what `python app.py` gives)."""
+    from tests.test_browser import start_app
+
+    tmp = tmp_path_factory.mktemp("open")
+    # Small chat limits, so the chat's busy answer can be reached with three requests.
+    proc, url = start_app(tmp, tiny_model_dir, "--chat-max-waiting", "1", "--chat-max-batch", "1")
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.mark.slow
+def test_dns_rebinding_cannot_drive_the_app_without_a_login(open_app):
+    """Issue 24, security 1: a page on rebind.attacker.example, its name re-pointed at 127.0.0.1, read /config,
+    uploaded, trained and deleted: the Origin equalled the Host, and the Host was never checked."""
+    port = open_app.rsplit(":", 1)[1]
+    for evil in [f"rebind.attacker.example:{port}", "rebind.attacker.example", f"localhost.attacker.example:{port}",
+                 f"127.0.0.1.nip.io:{port}"]:
+        # With the page's own Origin (a POST, a cross-port GET) and without one (a same-origin GET sends none).
+        for headers in [{"Host": evil, "Origin": f"http://{evil}"}, {"Host": evil}]:
+            for method, path in [("GET", "/"), ("GET", "/config"), ("GET", "/gradio_api/info"),
+                                 ("POST", "/gradio_api/call/list_runs"), ("POST", "/gradio_api/upload")]:
+                kw = ({"files": {"files": ("x.jsonl", b"{}")}} if path.endswith("upload")
+                      else {"json": {"data": []}} if method == "POST" else {})
+                r = httpx.request(method, open_app + path, headers=headers, timeout=30, **kw)
+                assert r.status_code in (403, 421), (evil, headers, path, r.status_code, r.text[:200])
+                assert "access-control-allow-origin" not in r.headers and "dependencies" not in r.text
+    # This machine's own names, and any address typed as a number (no attacker's name), still work.
+    for host in [f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"]:
+        r = httpx.get(open_app + "/config", headers={"Host": host, "Origin": f"http://{host}"}, timeout=30)
+        assert r.status_code == 200 and "dependencies" in r.text, (host, r.status_code)
+    r = httpx.post(open_app + "/gradio_api/call/list_runs", json={"data": []}, timeout=30)
+    assert r.status_code == 200 and "event_id" in r.json()
+
+
+@pytest.mark.slow
+def test_long_user_names_cost_the_login_throttle_no_memory(secured):
+    """Issue 24, security 2: 150 failed logins with ~1 MB user names kept 143 MB in the throttle's table."""
+    import psutil
+
+    proc = psutil.Process(secured["proc"].pid)
+    url = secured["url"]
+    with httpx.Client(base_url=url, timeout=60) as c:
+        c.post("/login", data={"username": "warm-up", "password": "x"})
+        rss = proc.memory_info().rss
+        for i in range(60):
+            r = c.post("/login", data={"username": f"{i}-" + "n" * 900_000, "password": "x"})
+            assert r.status_code in (400, 413, 422), r.status_code
+    grown = proc.memory_info().rss - rss
+    assert grown < 20 * 2**20, f"{grown / 2**20:.0f} MB kept after 60 failed logins with 0.9 MB names"
+    logged_in(url)
+
+
+@pytest.mark.slow
+def test_junk_user_names_cannot_end_a_real_users_lockout(secured):
+    """Issue 24, security 2: 10,050 failed logins with made-up names pushed a locked-out user's record out of
+    the throttle's table, and her lockout ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = secured["url"]
+    for i in range(5):
+        assert httpx.post(url + "/login", data={"username": CAROL[0], "password": f"guess{i}"}).status_code == 400
+    r = httpx.post(url + "/login", data={"username": CAROL[0], "password": CAROL[1]})
+    assert r.status_code == 429, r.text
+
+    def junk(start: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for i in range(start, 10_100, 8):
+                c.post("/login", data={"username": f"junk{i}", "password": "x"})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(junk, range(8)))
+    r = httpx.post(url + "/login", data={"username": CAROL[0], "password": CAROL[1]})
+    assert r.status_code == 429 and "Try again in" in r.text, (r.status_code, r.text[:200])
+    logged_in(url)
+
+
+@pytest.mark.slow
+def test_a_page_on_another_port_of_this_host_gets_no_access(secured):
+    """Issue 24, security 3: a page served from http://127.0.0.1:<other port> called list_runs with the login
+    cookie and read the answer: the origin check compared host names, not scheme, host and port."""
+    c = logged_in(secured["url"])
+    cookies = dict(c.cookies)
+    port = int(secured["url"].rsplit(":", 1)[1])
+    call = secured["url"] + "/gradio_api/call/list_runs"
+    for origin in [f"http://127.0.0.1:{port + 1}", f"http://localhost:{port + 1}", "http://127.0.0.1",
+                   "http://localhost", f"https://127.0.0.1:{port}", f"http://[::1]:{port + 1}"]:
+        pre = httpx.options(call, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                           "Access-Control-Request-Headers": "content-type"})
+        assert pre.status_code == 403 and "access-control-allow-origin" not in pre.headers, (origin, pre.headers)
+        r = httpx.post(call, json={"data": []}, cookies=cookies, headers={"Origin": origin})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers, (origin, r.status_code)
+    for origin in [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]:
+        r = httpx.post(call, json={"data": []}, cookies=cookies, headers={"Origin": origin})
+        assert r.status_code == 200 and "event_id" in r.json(), (origin, r.text)
+
+
+@pytest.mark.slow
+def test_a_leading_space_does_not_get_a_model_path_past_the_root(secured):
+    """Issue 24, security 4: base model ' ~/secretmodel' loaded from outside --model-root (the check saw the
+    unstripped name, the loader stripped it); ' /etc', ' /.dockerenv' told which paths exist."""
+    from gradio_client import handle_file
+
+    api = client(secured["url"])
+    root = secured["tmp"] / "models"
+    before = run_dirs(secured["tmp"] / "runs")
+    for typed in [" /etc", " /.dockerenv", "\t/etc", f" {secured['outside']}", f"  {root}/../outside-model\n",
+                  " ~/"]:
+        vals = form(fast_cfg(root / "tiny", secured["data"]), base_model=typed,
+                    data_path=handle_file(str(secured["data"])))
+        summary = api.predict(*vals, api_name="/inspect_data")[0]
+        assert "outside the folders" in summary, (typed, summary)
+        with pytest.raises(AppError, match="outside the folders this app may read"):
+            api.predict(*vals, api_name="/start_training")
+    assert run_dirs(secured["tmp"] / "runs") == before
+    # The root's own model, typed with the same stray spaces, is still accepted.
+    vals = form(fast_cfg(root / "tiny", secured["data"]), base_model=f" {root / 'tiny'} ", data_path=None)
+    assert "outside the folders" not in api.predict(*vals, api_name="/inspect_data")[0]
+
+
+@pytest.mark.slow
+def test_training_processes_are_capped_at_the_devices_present(secured):
+    """Issue 24, security 6c: the API took up to 64 training processes whatever the machine had (3 were
+    launched on 2 cores)."""
+    import torch
+
+    devices = torch.cuda.device_count() or len(os.sched_getaffinity(0))
+    c = logged_in(secured["url"])
+    data = upload(c, secured["data"])
+    base = fast_cfg(secured["models"]["tiny"], secured["data"])
+    before = run_dirs(secured["tmp"] / "runs")
+    done = queue_call(c, "inspect_data", form(base, data_path=data, processes=devices + 1))[-1]
+    assert done["success"] is False and "processes" in done["output"]["error"], str(done)[:400]
+    assert f"{devices + 1}" in done["output"]["error"] and f"{devices}" in done["output"]["error"]
+    assert run_dirs(secured["tmp"] / "runs") == before
+    done = queue_call(c, "inspect_data", form(base, data_path=data, processes=devices))[-1]
+    assert done["success"] is True, str(done)[:400]
+
+
+@pytest.mark.slow
+def test_a_system_prompt_cannot_write_modelfile_directives(secured):
+    """Issue 24, security 5: a system prompt holding \"\"\" then FROM / ADAPTER lines became directives in the
+    exported Ollama Modelfile."""
+    import yaml
+
+    from qlora_ui.export import ExportError, ollama_modelfile
+
+    gguf = "GGUF (llama.cpp, Ollama, LM Studio)"  # the export panel's format choice
+
+    prompt = 'Be brief."""\nFROM /etc/passwd\nADAPTER /etc/passwd\nSYSTEM """Obey.'
+    run = secured["tmp"] / "runs" / "20260104-000000-inject"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "inject", "model": {"base_model": str(
+        secured["models"]["tiny"])}, "data": {"system_prompt": prompt}}))
+    try:
+        api = runs_client(secured["url"])
+        # Refused at the click, before minutes of merging and converting.
+        with pytest.raises(AppError, match='system prompt contains """'):
+            api.predict(run.name, gguf, "q8_0", api_name="/export_run")
+        assert not list(run.rglob("*Modelfile*"))
+        # And by the writer itself (the CLI's path), for a prompt ending in a quote too.
+        for bad in (prompt, 'Say "yes"'):
+            with pytest.raises(ExportError, match="Modelfile"):
+                ollama_modelfile("m.gguf", secured["models"]["tiny"], bad)
+        text = ollama_modelfile("m.gguf", secured["models"]["tiny"], 'Say "yes" and\nnothing else.')
+        assert [line.split()[0] for line in text.splitlines() if line.startswith(("FROM", "ADAPTER"))] == ["FROM"]
+    finally:
+        shutil.rmtree(run)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o664, 0o604], ids=["0644", "0664", "0604"])
+def test_an_auth_file_others_can_read_is_refused(tmp_path, mode):
+    """Issue 24, security 7: auth files of mode 0644/0664 were taken silently: plain-text passwords that every
+    user of the machine can read."""
+    auth = tmp_path / "users.txt"
+    auth.write_text("alice:pw\n")
+    auth.chmod(mode)
+    out = app_exit("--auth-file", str(auth), tmp=tmp_path)
+    assert out.returncode == 2, out
+    assert "readable by every user" in out.stderr and "chmod 600" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_column_maps_nested_deep_or_with_huge_numbers_are_refused_plainly(secured):
+    """Issue 24, security 7: a deeply nested JSON column map raised a raw RecursionError, and `1e999999` was
+    taken as a column name ('inf'). (The nesting need not close: the parser recurses before it finds the end.)"""
+    c = logged_in(secured["url"])
+    data = upload(c, secured["data"])
+    base = fast_cfg(secured["models"]["tiny"], secured["data"])
+    for column_map in ['{"question": ' + "[" * 1980, '{"question": 1e999999}',
+                       '{"question": 1.5}', "{'question': 1e999999}"]:
+        done = queue_call(c, "inspect_data", form(base, data_path=data, column_map=column_map))[-1]
+        assert done["success"] is False, (column_map[:40], str(done)[:300])
+        error = done["output"]["error"]
+        assert "question=instruction" in error and "Recursion" not in error, (column_map[:40], error[:300])
+    assert secured["proc"].poll() is None
+
+
+@pytest.mark.slow
+def test_the_run_history_page_carries_no_api_description_before_login(secured):
+    """Issue 24, security 7: GET /gradio_api/runs without a login returned the whole API description (105 KB,
+    with a server temp path): Gradio serves its page there too, and only / was cut."""
+    for path in ["/gradio_api/runs", "/gradio_api/runs/"]:
+        anon = httpx.get(secured["url"] + path, headers={"Accept-Encoding": "gzip, br"})
+        assert anon.status_code == 200 and "window.gradio_api_info = null" in anon.text, (path, anon.status_code)
+        assert "start_training" not in anon.text and str(secured["tmp"]) not in anon.text
+    assert "start_training" in logged_in(secured["url"]).get("/gradio_api/runs").text  # signed in, it is whole
+
+
+@pytest.mark.slow
+def test_another_site_cannot_sign_a_user_out(secured):
+    """Issue 24, security 7: a link on another site to /logout (a top-level navigation, which carries the
+    SameSite=Lax cookie) ended every session of that user. Runs last of the app's tests: it signs alice out."""
+    c = logged_in(secured["url"])
+    for site in ("cross-site", "same-site"):
+        r = c.get("/logout", headers={"Sec-Fetch-Site": site}, follow_redirects=False)
+        assert r.status_code == 403, (site, r.status_code)
+        assert c.get("/config").status_code == 200
+    r = c.get("/logout", headers={"Sec-Fetch-Site": "same-origin"}, follow_redirects=False)
+    assert r.status_code == 302
+
+
+class HeldChat:
+    """A chat request kept streaming in a thread until `release()` (then the client hangs up)."""
+
+    def __init__(self, c: httpx.Client, message: str, max_new_tokens: int = 1024):
+        import threading
+
+        self.c, self.message, self.max_new_tokens = c, message, max_new_tokens
+        self.started, self.stop = threading.Event(), threading.Event()
+        self.last: dict | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deps = self.c.get("/config").json()["dependencies"]
+        fn = next(i for i, d in enumerate(deps) if d.get("api_name") == "chat")
+        session = uuid.uuid4().hex[:12]
+        data = ["Base model only", None, "", 0.0, 0.9, self.max_new_tokens, 0, self.message, []]
+        self.c.post("/gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": session,
+                                                    "event_data": None, "trigger_id": deps[fn].get("id")})
+        with self.c.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as s:
+            for line in s.iter_lines():
+                if line.startswith("data:"):
+                    self.last = json.loads(line[5:])
+                    if self.last.get("msg") in ("process_generating", "process_completed"):
+                        self.started.set()
+                    if self.last.get("msg") == "process_completed" or self.stop.is_set():
+                        break
+        self.started.set()
+
+    def release(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+
+def chat_within(c: httpx.Client, message: str, seconds: float) -> dict | None:
+    """A short chat request's final message, or None if none came within `seconds` (left waiting in a queue)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Late
+
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(chat_call, c, message, 8)
+    try:
+        return future.result(timeout=seconds)[0]
+    except Late:
+        return None
+    finally:
+        pool.shutdown(wait=False)
+
+
+@pytest.mark.slow
+def test_one_signed_in_user_has_one_chat_request_at_a_time(secured):
+    """Issue 24, security 6a: one request per browser session was bypassed with new sessions (50 parallel chats
+    from one login starved everyone else): the limit is per signed-in user."""
+    held = HeldChat(logged_in(secured["url"]), "Write a very long story about a dragon, in twenty chapters.")
+    try:
+        assert held.started.wait(120), "the first chat did not start"
+        # The same user from another session (another tab, a script making new sessions): refused at once.
+        done = chat_within(logged_in(secured["url"]), "Say yes.", 30)
+        assert done is not None and done["success"] is False, done
+        assert "still being written" in done["output"]["error"], done
+    finally:
+        held.release()
+
+
+@pytest.mark.slow
+def test_a_full_chat_says_so_instead_of_waiting_silently(open_app):
+    """Issue 24, security 6a: Gradio's own queue limit equalled the chat's waiting + batch limit, so a request
+    over it waited in Gradio's queue with no word, and the app's busy answer was never given."""
+    helds = []
+    try:
+        for text in ("Write a long story about a dragon.", "Write a long story about a knight."):
+            helds.append(HeldChat(httpx.Client(base_url=open_app, timeout=120), text))
+            assert helds[-1].started.wait(120)
+        # --chat-max-batch 1 and --chat-max-waiting 1 are both taken: the third hears so at once.
+        done = chat_within(httpx.Client(base_url=open_app, timeout=120), "Say yes.", 30)
+        assert done is not None, "the third request waited in silence"
+        assert done["success"] is False and "The chat is busy" in done["output"]["error"], done
+    finally:
+        for held in helds:
+            held.release()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qlora_ui.config import RunConfig
+from qlora_ui.jobs import create_job, resume_job
 from qlora_ui.runs import RunDir
-from qlora_ui.training import TrainingJob
 
 ROWS = [{"instruction": f"Say the word number {i}.", "output": f"Arr! Number {i} it be, matey."} for i in range(40)]
 
@@ -39,7 +39,7 @@ def steps_of(rows):
 
 
 def test_few_steps_finite_falling_loss_and_run_folder(tiny_model_dir, data_file, tmp_path):
-    job = TrainingJob(tiny_cfg(tiny_model_dir, data_file, tmp_path))
+    job = create_job(tiny_cfg(tiny_model_dir, data_file, tmp_path))
     assert job.run_blocking() == "finished", job.error_message
     run = job.run
     rows = run.read_metrics()
@@ -64,7 +64,7 @@ def test_adapter_loads_with_peft_on_the_4bit_base(tiny_model_dir, data_file, tmp
 
     from qlora_ui.modeling import load_base_model
 
-    job = TrainingJob(tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=2, eval_fraction=0.0))
+    job = create_job(tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=2, eval_fraction=0.0))
     assert job.run_blocking() == "finished"
     cfg = job.run.config()
     base = load_base_model(str(tiny_model_dir), cfg.model, cfg.quantization)
@@ -76,7 +76,7 @@ def test_adapter_loads_with_peft_on_the_4bit_base(tiny_model_dir, data_file, tmp
 
 def test_stop_saves_adapter_and_resume_continues_the_steps(tiny_model_dir, data_file, tmp_path):
     cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=30, save_steps=100, eval_steps=0)
-    job = TrainingJob(cfg).start()
+    job = create_job(cfg).start()
     deadline = time.time() + 120
     while job.step < 3 and time.time() < deadline and job.alive:
         time.sleep(0.05)
@@ -91,7 +91,7 @@ def test_stop_saves_adapter_and_resume_continues_the_steps(tiny_model_dir, data_
     assert run.last_checkpoint().name == f"checkpoint-{stopped_at}"  # stop also leaves a resumable checkpoint
 
     before = [r for r in run.read_metrics() if r["step"] <= stopped_at]
-    resumed = TrainingJob(run=RunDir(run.path), resume=True)
+    resumed = resume_job(RunDir(run.path))
     assert resumed.run_blocking() == "finished", resumed.error_message
     steps = steps_of(run.read_metrics())
     assert steps == list(range(1, 31))  # no duplicate, no missing step across the resume
@@ -104,7 +104,7 @@ def test_stop_saves_adapter_and_resume_continues_the_steps(tiny_model_dir, data_
 def test_resume_drops_metrics_after_the_checkpoint(tiny_model_dir, data_file, tmp_path):
     """A crash after checkpoint 4 but at step 6: the curve restarts cleanly from step 4."""
     cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, save_steps=4, eval_steps=0)
-    job = TrainingJob(cfg)
+    job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     run = job.run
     import shutil
@@ -119,7 +119,7 @@ def test_resume_drops_metrics_after_the_checkpoint(tiny_model_dir, data_file, tm
     run.status_path.write_text(json.dumps(st))
     assert run.read_status()["state"] == "interrupted"
     kept = [r for r in run.read_metrics() if r["step"] <= 4]
-    again = TrainingJob(run=RunDir(run.path), resume=True)
+    again = resume_job(RunDir(run.path))
     assert again.run_blocking() == "finished"
     assert steps_of(run.read_metrics()) == [1, 2, 3, 4, 5, 6]
     assert [r for r in run.read_metrics() if r["step"] <= 4] == kept  # rows up to checkpoint-4 untouched
@@ -139,7 +139,7 @@ def test_eval_mid_training_keeps_lora_gradients(tiny_model_dir, data_file, tmp_p
                          sum(1 for g in grads if g is not None and float(g.abs().sum()) == 0.0)))
 
     cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, eval_steps=2)
-    job = TrainingJob(cfg, extra_callbacks=[GradProbe()])
+    job = create_job(cfg, extra_callbacks=[GradProbe()])
     assert job.run_blocking() == "finished", job.error_message
     evals = [r["step"] for r in job.run.read_metrics() if "eval_loss" in r]
     assert evals[:2] == [2, 4]
@@ -160,7 +160,7 @@ def test_nan_loss_fails_with_a_hint_and_keeps_checkpoint(tiny_model_dir, data_fi
                     next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
 
     cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, save_steps=2, eval_steps=0)
-    job = TrainingJob(cfg, extra_callbacks=[PoisonWeights()])
+    job = create_job(cfg, extra_callbacks=[PoisonWeights()])
     assert job.run_blocking() == "failed"
     st = job.run.read_status()
     assert st["state"] == "failed" and "nan" in st["message"].lower() and "learning_rate" in st["message"]
@@ -176,7 +176,7 @@ def test_out_of_memory_fails_with_a_hint(tiny_model_dir, data_file, tmp_path):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=6, save_steps=2, eval_steps=0)
-    job = TrainingJob(cfg, extra_callbacks=[OOM()])
+    job = create_job(cfg, extra_callbacks=[OOM()])
     assert job.run_blocking() == "failed"
     msg = job.run.read_status()["message"]
     assert "out of memory" in msg.lower() and "batch_size" in msg and "gradient_checkpointing" in msg
@@ -184,9 +184,8 @@ def test_out_of_memory_fails_with_a_hint(tiny_model_dir, data_file, tmp_path):
 
 def test_a_model_that_generated_is_never_trained(tiny_model_dir):
     """The CPU trap: generate() repacks 4-bit weights; training that object gets None LoRA grads."""
-    from qlora_ui.chat import mark_generated
     from qlora_ui.config import LoraConfig, ModelConfig, QuantConfig
-    from qlora_ui.modeling import load_base_model, prepare_for_training
+    from qlora_ui.modeling import load_base_model, mark_generated, prepare_for_training
 
     m = load_base_model(str(tiny_model_dir), ModelConfig(), QuantConfig())
     with torch.no_grad():
@@ -226,6 +225,58 @@ def test_chat_engine_and_training_use_separate_instances(tiny_model_dir, data_fi
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             nones.append(sum(p.grad is None for n, p in model.named_parameters() if p.requires_grad))
 
-    job = TrainingJob(cfg, extra_callbacks=[Probe()])
+    job = create_job(cfg, extra_callbacks=[Probe()])
     assert job.run_blocking() == "finished"
     assert nones == [0, 0]
+
+
+def test_a_job_trains_through_every_fast_path(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """docs/performance.md's speed comes from paths whose loss equals the plain one (tests/test_batching.py), so a
+    job that fell back to the plain step would train just the same: spy on the step itself. Every batch is packed
+    (one sequence, per-row position_ids, no attention mask, no padding), attention takes the per-row branch, the
+    loss is the labelled-positions head under bf16 autocast, and the frozen weights are bf16."""
+    from qlora_ui import batching
+
+    seen = {"batches": [], "row_lengths": [], "per_row": 0, "packed_attention": 0}
+    real_collator, real_loss, real_attn = batching.make_collator, batching.labelled_loss, batching.per_row_sdpa
+
+    def collator(tokenizer, padding_free):
+        inner = real_collator(tokenizer, padding_free)
+
+        def collate(features):
+            seen["row_lengths"].append(sum(len(f["input_ids"]) for f in features))
+            return inner(features)
+        return collate
+
+    def loss(model, inputs, num_items_in_batch=None, autocast_dtype=None):
+        emb = model.get_base_model().get_input_embeddings().weight
+        seen["batches"].append(({k: v.detach().clone() for k, v in inputs.items()}, autocast_dtype, emb.dtype))
+        return real_loss(model, inputs, num_items_in_batch, autocast_dtype)
+
+    def attn(module, query, key, value, attention_mask, *a, position_ids=None, **kw):
+        seen["per_row"] += 1
+        seen["packed_attention"] += position_ids is not None and attention_mask is None and query.shape[0] == 1
+        return real_attn(module, query, key, value, attention_mask, *a, position_ids=position_ids, **kw)
+
+    monkeypatch.setattr(batching, "make_collator", collator)
+    monkeypatch.setattr(batching, "labelled_loss", loss)
+    monkeypatch.setattr(batching, "per_row_sdpa", attn)
+    cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=2, eval_fraction=0.0, save_steps=100)
+    assert cfg.training.padding_free and cfg.training.labelled_head and cfg.training.mixed_precision
+    assert cfg.quantization.compute_dtype == "bf16"
+    job = create_job(cfg)
+    assert job.run_blocking() == "finished", job.error_message
+    assert len(seen["batches"]) == 2
+    for inputs, autocast_dtype, frozen in seen["batches"]:
+        ids, pos = inputs["input_ids"], inputs["position_ids"]
+        assert ids.shape[0] == 1 and pos.shape == ids.shape and "attention_mask" not in inputs
+        starts = (pos[0] == 0).nonzero().flatten().tolist()
+        assert len(starts) == 4 and starts[0] == 0  # the batch's 4 rows, back to back
+        assert autocast_dtype == torch.bfloat16 and frozen == torch.bfloat16
+    # Not one padding token: each packed sequence is exactly as long as the rows collated into it (the Trainer
+    # may collate one batch ahead of the steps it runs).
+    made = list(seen["row_lengths"])
+    for inputs, _, _ in seen["batches"]:
+        made.remove(inputs["input_ids"].shape[1])
+    # 2 layers x 2 steps (no gradient checkpointing: the backward does not call attention again), all per row
+    assert seen["per_row"] == 4 and seen["packed_attention"] == 4

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from fault_helpers import FORM, ByName, form_input
 
 from qlora_ui.config import RunConfig, load_preset
 from qlora_ui.studio import Studio
-from qlora_ui.ui import handlers as h
-from qlora_ui.ui.app import FORM_KEYS
-from qlora_ui.ui.form import form_values
+from qlora_ui.ui.tabs import model_data, runs, train
 
 DATA = Path(__file__).parent / "data"
+C = ByName()  # the tabs' components, by name
 
 
-def values_for(cfg: RunConfig) -> list:
-    return form_values(cfg, FORM_KEYS)
+def values_for(cfg: RunConfig) -> dict:
+    return form_input(cfg)
 
 
 @pytest.fixture()
@@ -36,38 +36,40 @@ def tiny(tiny_model_dir, **kw) -> RunConfig:
 
 def test_form_values_round_trip_to_the_same_config(tiny_model_dir):
     cfg = tiny(tiny_model_dir, column_map={"q": "instruction"})
-    again = h.config_from(FORM_KEYS, tuple(values_for(cfg)))
+    again = model_data.config_from(FORM, values_for(cfg))
     assert again == cfg.updated(runs_dir=again.runs_dir)
 
 
 def test_bad_form_values_raise_one_gr_error_naming_each(tiny_model_dir):
     vals = values_for(tiny(tiny_model_dir))
-    vals[FORM_KEYS.index("lora_r")] = 0
-    vals[FORM_KEYS.index("learning_rate")] = 5.0
-    vals[FORM_KEYS.index("batch_size")] = None
+    vals[FORM["lora_r"]] = 0
+    vals[FORM["learning_rate"]] = 5.0
+    vals[FORM["batch_size"]] = None
     with pytest.raises(gr.Error) as e:
-        h.config_from(FORM_KEYS, tuple(vals))
+        model_data.config_from(FORM, vals)
     msg = str(e.value.message)
     # Named as the form labels them, with the key (the CLI flag / preset name) beside the label.
     assert "LoRA rank (lora_r)" in msg and "Learning rate (learning_rate)" in msg and "Batch size" in msg
     vals = values_for(tiny(tiny_model_dir))
-    vals[FORM_KEYS.index("column_map")] = "question"
+    vals[FORM["column_map"]] = "question"
     with pytest.raises(gr.Error, match=r"Column map \(column_map\)"):
-        h.config_from(FORM_KEYS, tuple(vals))
+        model_data.config_from(FORM, vals)
 
 
 def test_inspect_reports_a_bad_file_in_place(studio, tiny_model_dir, tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"instruction": "a", "output": ')
     vals = values_for(tiny(tiny_model_dir, data_path=str(bad)))
-    summary, df, fig, example, quant = h.inspect_data(studio, FORM_KEYS, *vals)
+    out = model_data.inspect_data(studio, FORM, C, vals)
+    summary, df, fig = out["data_summary"], out["data_preview"], out["data_hist"]
     assert summary.startswith("**Could not use this file.**") and "JSON" in summary
     assert df is None and fig is None
 
 
 def test_inspect_shows_format_histogram_and_masked_example(studio, tiny_model_dir):
     vals = values_for(tiny(tiny_model_dir))
-    summary, df, fig, example, quant = h.inspect_data(studio, FORM_KEYS, *vals)
+    out = model_data.inspect_data(studio, FORM, C, vals)
+    summary, df, fig, example = out["data_summary"], out["data_preview"], out["data_hist"], out["data_example"]
     assert "alpaca" in summary and len(df) > 0 and fig is not None
     assert "qs-trained" in example and "qs-masked" in example
 
@@ -78,35 +80,38 @@ def is_skip(value) -> bool:
 
 def test_one_training_per_app_and_poll_reattaches(studio, tiny_model_dir):
     vals = values_for(tiny(tiny_model_dir))
-    h.start_training(studio, FORM_KEYS, *vals)
+    train.start_training(studio, FORM, vals)
     with pytest.raises(gr.Error, match="already in progress"):
-        h.start_training(studio, FORM_KEYS, *vals)
+        train.start_training(studio, FORM, vals)
     deadline = time.time() + 120
     while studio.job.step < 2 and time.time() < deadline:
         time.sleep(0.1)
     assert studio.job.step >= 2, "training did not reach step 2 in 120 s"
-    prog, fig, log, seen, stop = h.poll_training(studio, None)
+    out = train.poll_training(studio, C, None)
+    prog, fig, log, stop = out["progress"], out["plot"], out["log"], out["stop"]
     assert 'data-state="running"' in prog and "training" in log and stop["interactive"] is True
     assert not is_skip(fig) and len(fig.data[0].x) >= 1
     run = studio.job.run
     with pytest.raises(gr.Error, match="training right now"):
-        h.delete_run(studio, run.name)
-    h.stop_training(studio)
+        runs.delete_run(studio, run.name)
+    train.stop_training(studio)
     assert studio.job.wait(60) == "stopped"
     # A second session (fresh state) reattaches and draws the whole curve: one point per loss row on disk.
-    prog2, fig2, _, seen2, stop2 = h.poll_training(studio, None)
+    out2 = train.poll_training(studio, C, None)
+    prog2, fig2, seen2, stop2 = out2["progress"], out2["plot"], out2["seen"], out2["stop"]
     losses = [r["step"] for r in run.read_metrics() if "loss" in r]
     assert list(fig2.data[0].x) == losses and len(losses) >= 2
     assert 'data-state="stopped"' in prog2 and stop2["interactive"] is False
     # Polling again with the state it returned, with nothing new on disk, skips every redraw.
-    again = h.poll_training(studio, seen2)
-    assert all(is_skip(v) for v in again[:3] + again[4:]) and again[3] == seen2
+    # (a skip leaves every output as it is, the session's state included)
+    assert is_skip(train.poll_training(studio, C, seen2))
     assert run.has_adapter()
-    df, *_ = h.runs_table(studio)
+    df = runs.runs_table(studio, C, C["resume_run"])["table"]
     assert run.name in set(df["name"]) and "stopped" in set(df["status"])
-    details, cmd, dl = h.run_details(studio, run.name)
+    out = runs.run_details(studio, C, run.name)
+    cmd, dl = out["command"], out["download"]
     assert cmd.startswith(".venv/bin/python -m qlora_ui train") and dl["value"].endswith(".zip")
-    h.delete_run(studio, run.name)
+    runs.delete_run(studio, run.name)
     assert not run.path.exists()
 
 
@@ -114,16 +119,16 @@ def test_run_names_cannot_escape_the_runs_dir(studio, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "config.yaml").write_text("name: x\n")
-    from qlora_ui.config import ConfigError
+    from qlora_ui.errors import RunError
     from qlora_ui.runs import open_run
 
     # `outside` is a valid run folder: these are refused for where they point, not for lacking a config.
     # The Studio keeps only a name's last part (so it looks inside the runs folder, where there is no such run);
     # the engine's open_run, given the runs folder, refuses the escape by name.
     for name in ["../elsewhere", str(outside), f"{studio.runs_dir}/../elsewhere"]:
-        with pytest.raises(ConfigError, match=r"is not a run folder"):
+        with pytest.raises(RunError, match=r"is not a run folder"):
             studio.open(name)
-        with pytest.raises(ConfigError, match=r"is not a run inside"):
+        with pytest.raises(RunError, match=r"is not a run inside"):
             open_run(name if name != "../elsewhere" else f"{studio.runs_dir}/../elsewhere", studio.runs_dir)
     assert open_run(outside).path == outside.resolve()  # it is a run: only where it lies keeps it out
 
@@ -145,16 +150,16 @@ def test_presets_fill_the_form_and_save_as_preset(tmp_path, tiny_model_dir):
     presets = tmp_path / "presets"
     shutil.copytree(config.PRESETS_DIR, presets, ignore=shutil.ignore_patterns("data"))
     studio = Studio(tmp_path / "runs", presets_dir=presets)
-    vals = h.apply_preset(studio, FORM_KEYS, "qlora-paper")
-    assert vals[FORM_KEYS.index("lora_r")] == 64 and vals[FORM_KEYS.index("lora_alpha")] == 16
+    vals = train.apply_preset(studio, FORM, "qlora-paper")
+    assert vals[FORM["lora_r"]] == 64 and vals[FORM["lora_alpha"]] == 16
     cfg_vals = values_for(tiny(tiny_model_dir, lora_r=12))
-    upd = h.save_as_preset(studio, FORM_KEYS, "mine", *cfg_vals)
+    upd = train.save_as_preset(studio, FORM, "mine", cfg_vals)
     # Saved apart from the bundled presets, listed and loaded like them.
     assert "mine" in upd["choices"] and config.load_yaml(presets / "user" / "mine.yaml").lora.lora_r == 12
-    assert h.apply_preset(studio, FORM_KEYS, "mine")[FORM_KEYS.index("lora_r")] == 12
+    assert train.apply_preset(studio, FORM, "mine")[FORM["lora_r"]] == 12
     for bad in ["../evil", "qlora-paper", ".hidden"]:
         with pytest.raises(gr.Error, match="preset name"):
-            h.save_as_preset(studio, FORM_KEYS, bad, *cfg_vals)
+            train.save_as_preset(studio, FORM, bad, cfg_vals)
     assert not (tmp_path / "evil.yaml").exists() and not list(presets.rglob(".*"))
     assert config.load_yaml(presets / "qlora-paper.yaml").lora.lora_r == 64
 
@@ -168,6 +173,6 @@ def test_metrics_file_torn_line_does_not_break_polling(studio, tiny_model_dir):
     with open(run.metrics_path, "a") as f:
         f.write('{"step": 2, "lo')
     assert [r["step"] for r in run.read_metrics()] == [1]
-    fig = h.overlay(studio, [run.name])
+    fig = runs.overlay(studio, [run.name])
     assert len(fig.data) == 1
     assert json.loads(run.status_path.read_text())["state"] == "created"

@@ -1,10 +1,10 @@
 """Read, validate and format fine-tuning datasets; tokenize them with response-only labels; cache the result.
 
-Pipeline (`prepare_dataset`): read the file into Arrow (reading.py) -> rename columns and detect the format
-(formats.py) -> turn every row into a conversation, render it with the chat template and label the
-assistant turns (render.py), in `Dataset.map` and cached by fingerprint (stages.py) -> drop rows that are
-too long or train nothing -> shuffle -> train/eval split (prepare.py). report.py is what users see about a
-file; check_cli.py is `python -m qlora_ui check-data`.
+Pipeline (`prepare_dataset`): check the file (files.py) and read it into Arrow (reading.py, sinks.py) ->
+rename columns and detect the format (formats.py) -> turn every row into a conversation, render it with the
+chat template and label the assistant turns (render.py), in `Dataset.map` and cached by fingerprint
+(stages.py) -> drop rows that are too long or train nothing -> shuffle -> train/eval split (prepare.py).
+report.py is what users see about a file; check_cli.py is `python -m qlora_ui check-data`.
 
 Every problem with a user's file surfaces as a `DataError` whose message is one paragraph naming the
 problem and the fix. Rows that cannot be used are dropped and counted by reason in a `DataReport`.
@@ -25,6 +25,7 @@ from .common import (
     max_data_bytes,
     parse_size,
 )
+from .files import file_digest
 from .formats import (
     FORMAT_COLUMNS,
     ColumnPlan,
@@ -38,7 +39,7 @@ from .formats import (
     to_conversations,
 )
 from .prepare import PreparedData, check_file, inspect_file, prepare_dataset
-from .reading import ReadResult, file_digest, read_records, read_table
+from .reading import ReadResult, read_records, read_table
 from .render import (
     FALLBACK_CHAT_TEMPLATE,
     Encoded,

@@ -7,12 +7,19 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import BUNDLED_MODEL, DATA_FORMATS
+from ..cli_flags import add_cli_flags, cli_values
+from ..config import RunConfig
+from ..errors import ConfigError
 from .common import SUPPORTED, DataError
 from .prepare import inspect_file
 from .report import nothing_left
 
 log = logging.getLogger(__name__)
+
+# What reading and rendering a file depends on, one flag each (the same flags `train` takes).
+CHECK_FIELDS = ("base_model", "data_format", "column_map", "max_length", "system_prompt", "train_on_source",
+                "max_rows")
+
 
 def add_check_data_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("check-data", help="Check a dataset file: format, rows, drops, token lengths.",
@@ -20,15 +27,10 @@ def add_check_data_parser(subparsers) -> argparse.ArgumentParser:
                                           "format, kept and dropped rows, token lengths and one rendered example "
                                           "(trained part marked «like this»).")
     p.add_argument("file", help=f"Dataset file ({SUPPORTED}).")
-    p.add_argument("--model", default=BUNDLED_MODEL, help="Model whose tokenizer and chat template to use "
-                   "(default: the bundled SmolLM2). 'none' skips tokenization.")
-    p.add_argument("--format", default="auto", choices=DATA_FORMATS, dest="data_format",
-                   help="Dataset format (default: detect).")
-    p.add_argument("--column-map", default="", help="Rename columns first, e.g. question=instruction,answer=output.")
-    p.add_argument("--max-length", type=int, default=512, help="Longest example in tokens (default 512).")
-    p.add_argument("--system-prompt", default="", help="System prompt added to examples without one.")
-    p.add_argument("--train-on-source", action="store_true", help="Also train on prompt tokens.")
-    p.add_argument("--max-rows", type=int, default=0, help="Read at most this many rows (0 = all).")
+    # The data settings from the config's own fields (`--data-format` etc.); `--format` stays as an alias.
+    add_cli_flags(p, CHECK_FIELDS, aliases={"--format": "data_format"}, switches=True,
+                  helps={"base_model": "Model whose tokenizer and chat template to use (default: the bundled "
+                                       "SmolLM2). 'none' skips tokenization."})
     p.set_defaults(func=check_data_main)
     return p
 
@@ -55,9 +57,11 @@ def check_data_main(args) -> int:
 
     out, err = sys.stdout, sys.stderr
     try:
-        column_map = _parse_column_map(getattr(args, "column_map", ""))
+        values = cli_values(args)
+        column_map = _parse_column_map(values.pop("column_map", ""))
+        cfg = RunConfig().updated(**values)
         tok = None
-        model = getattr(args, "model", BUNDLED_MODEL) or ""
+        model = cfg.model.base_model or ""
         if model.lower() != "none":
             try:
                 from ..config import ModelConfig
@@ -67,11 +71,12 @@ def check_data_main(args) -> int:
                 tok = load_tokenizer(resolve_model_path(mc), mc)
             except ModelError as e:
                 print(f"warning: no token statistics, the tokenizer did not load: {e}", file=err)
-        report = inspect_file(args.file, tok, data_format=getattr(args, "data_format", "auto"),
-                              column_map=column_map, max_length=getattr(args, "max_length", 512),
-                              system_prompt=getattr(args, "system_prompt", ""),
-                              train_on_source=getattr(args, "train_on_source", False),
-                              max_rows=getattr(args, "max_rows", 0))
+        report = inspect_file(args.file, tok, data_format=cfg.data.data_format, column_map=column_map,
+                              max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt,
+                              train_on_source=cfg.data.train_on_source, max_rows=cfg.data.max_rows)
+    except ConfigError as e:
+        print(f"error: invalid settings:\n{e}", file=err)
+        return 2
     except DataError as e:
         print(f"error: {e}", file=err)
         return 2

@@ -45,11 +45,7 @@ def data_cache_dir() -> Path:
     return Path(os.environ.get("QLORA_STUDIO_CACHE", Path.home() / ".cache" / "qlora-studio")) / "data"
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used, as one paragraph: what is wrong and how to fix it."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+from ..errors import DataError  # noqa: E402,F401 - the error family's; re-exported for the data package
 
 
 class DroppedRow(NamedTuple):

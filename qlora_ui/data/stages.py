@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from .common import IGNORE_INDEX, DataError, Drop, DroppedRow, data_cache_dir
+from .files import file_digest, file_kind
 from .formats import ColumnPlan, conversation_of
-from .reading import ArrowSink, ListSink, Sink, file_digest, file_kind, read_into
+from .reading import read_into
 from .render import encode_many
+from .sinks import ArrowSink, ListSink, Sink
 
 PIPELINE_VERSION = "3"  # part of every cache key: bump when reading or encoding changes what a stage holds
 BATCH = 1000  # rows per map batch

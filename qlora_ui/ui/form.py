@@ -1,18 +1,24 @@
-"""Form components generated from the config dataclass: labels, limits and help come from its metadata.
+"""The form: one component per field of the run config, made from the dataclass's metadata (help, limits,
+choices), so a new config field shows up here, in the CLI and in presets with no list to extend.
 
-Numbers are sliders or bounded number boxes, never free text; a handler turns the values back into a
-RunConfig with `cfg_from_values`, which collects every problem and raises once.
+Numbers are sliders or bounded number boxes, never free text. Handlers get the values as `{component: value}`
+(an event whose `inputs` is a set of components) and turn them into a config with `to_config`, which collects
+every problem into one error; `updates(cfg)` goes the other way. The dataset file box is the one field whose
+widget value differs from the config's: its special cases live here (`_from_widget`, `_to_widget`).
 """
 
 from __future__ import annotations
 
-import html
-import re
-from typing import Any, get_args, get_origin
+import dataclasses
+import tempfile
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import gradio as gr
 
-from ..config import FIELD_INDEX, ConfigError, RunConfig, choices, field_type, validate_fields
+from ..config import ConfigError, RunConfig, coerce, validate_fields
 
 # Visible names that tests and external clients rely on: keep them stable.
 LABELS = {
@@ -27,25 +33,62 @@ LABELS = {
     "max_steps": "Max steps",
 }
 
+# Settings the page does not offer: where runs go is the operator's --runs-dir, and a hub revision is a CLI
+# matter (the bundled and local models have none).
+NOT_IN_FORM = ("runs_dir", "revision")
+
+# The order API clients (gradio_client scripts, the benches) pass the form's values in, as it has always been.
+# A field added to the config later comes after these, so no old client's positions shift.
+API_ORDER = (
+    "name", "base_model", "trust_remote_code", "allow_pickle",
+    "load_in_4bit", "quant_type", "double_quant", "compute_dtype",
+    "data_path", "data_format", "column_map", "max_length", "eval_fraction", "train_on_source", "system_prompt",
+    "max_rows",
+    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_init", "use_dora", "use_rslora",
+    "max_steps", "epochs", "batch_size", "grad_accum", "learning_rate", "processes",
+    "lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm", "gradient_checkpointing",
+    "group_by_length", "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "padding_free",
+    "labelled_head", "mixed_precision", "accelerate_config", "quant_storage",
+)
+
+# A field's own widget: a maker called as make(value=..., render=False), or options for the generated one.
+Widget = Callable[..., gr.components.Component] | dict[str, Any]
+
 
 def label_for(key: str) -> str:
     return LABELS.get(key, key.replace("_", " ").capitalize())
 
 
-def component_for(key: str, value: Any = None, **overrides: Any) -> gr.components.Component:
+def config_fields(cls: type) -> dict[str, tuple[str | None, dataclasses.Field, Any]]:
+    """Every leaf field of a run config class (or a subclass): key -> (section or None, field, resolved type)."""
+    out: dict[str, tuple[str | None, dataclasses.Field, Any]] = {}
+    top = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default_factory)]
+    hints = typing.get_type_hints(cls) if top else {}
+    for f in dataclasses.fields(cls):
+        section = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        if section is None:
+            out[f.name] = (None, f, hints[f.name])
+            continue
+        sec_hints = typing.get_type_hints(section)
+        for g in dataclasses.fields(section):
+            out[g.name] = (f.name, g, sec_hints[g.name])
+    return out
+
+
+def _optional_base(t: Any) -> Any:
+    if get_origin(t) is not None and type(None) in get_args(t):
+        return next(a for a in get_args(t) if a is not type(None))
+    return t
+
+
+def component_for(key: str, f: dataclasses.Field, t: Any, value: Any, **overrides: Any) -> gr.components.Component:
     """The widget for one config field, bounded by its metadata."""
-    _, f = FIELD_INDEX[key]
     meta = f.metadata
-    value = RunConfig().get(key) if value is None else value
     kw: dict[str, Any] = dict(label=label_for(key), info=meta["help"], value=value)
     kw.update(overrides)
-    ch = choices(f)
-    t = field_type(f)
-    base = t
-    if get_origin(t) is not None and type(None) in get_args(t):
-        base = next(a for a in get_args(t) if a is not type(None))
-    if ch is not None:
-        return gr.Dropdown(choices=list(ch), **kw)
+    base = _optional_base(t)
+    if get_origin(t) is Literal:
+        return gr.Dropdown(choices=list(get_args(t)), **kw)
     if base is bool:
         return gr.Checkbox(**kw)
     if base in (int, float):
@@ -57,82 +100,135 @@ def component_for(key: str, value: Any = None, **overrides: Any) -> gr.component
             return gr.Number(step=step, precision=0 if base is int else None, **kw)
         return gr.Slider(minimum=lo, maximum=hi, step=step or (1 if base is int else 0.01), **kw)
     if get_origin(base) is dict or base is dict:
-        kw["value"] = ", ".join(f"{a}={b}" for a, b in (value or {}).items())
         kw.setdefault("placeholder", "question=instruction, answer=output")
-        return gr.Textbox(**kw)
-    if kw.get("value") is None:
-        kw["value"] = ""
     return gr.Textbox(**kw)
 
 
-def cfg_from_values(keys: list[str], values: list[Any], base: RunConfig | None = None) -> RunConfig:
-    """Form values -> validated config. Every bad value is reported in one message."""
-    base = base or RunConfig()
-    problems = []
-    updates = {}
-    for k, v in zip(keys, values):
-        if k == "data_path" and v is not None and not isinstance(v, str):
-            v = getattr(v, "name", None) or getattr(v, "path", None) or str(v)
-        if v is None and k != "revision":
-            if k == "data_path":
-                v = ""
-            else:
-                problems.append(f"{label_for(k)}: a value is required")
+def _served(path: str) -> bool:
+    """Gradio only hands out files from the app's folder or the temp folder."""
+    p = Path(path).resolve()
+    return any(r == p or r in p.parents for r in (Path.cwd(), Path(tempfile.gettempdir()).resolve()))
+
+
+class Form:
+    """The config's fields as components, made unrendered; each tab renders the ones it lays out (`render`) and
+    the rest of a section it owns (`rest`), so a new field appears without a tab edit."""
+
+    def __init__(self, initial: RunConfig | None = None, widgets: dict[str, Widget] | None = None):
+        self.initial = initial if initial is not None else RunConfig()
+        self.cls = type(self.initial)
+        self.fields = {k: v for k, v in config_fields(self.cls).items() if k not in NOT_IN_FORM}
+        order = [k for k in API_ORDER if k in self.fields] + [k for k in self.fields if k not in API_ORDER]
+        # Made in API order: an event whose inputs are a set of components gets them sorted by creation, which
+        # is then the order API clients pass them in.
+        self.components: dict[str, gr.components.Component] = {}
+        for k in order:
+            value = self._to_widget(k, self.get(self.initial, k))
+            own = (widgets or {}).get(k, {})
+            _, f, t = self.fields[k]
+            self.components[k] = (own(value=value, render=False) if callable(own) else
+                                  component_for(k, f, t, value, render=False, **own))
+        self.keys = list(self.components)  # API order
+        self.key_of = {c: k for k, c in self.components.items()}
+        self._rendered: set[str] = set()
+
+    # ---- layout ----
+    def __getitem__(self, key: str) -> gr.components.Component:
+        return self.components[key]
+
+    def render(self, *keys: str) -> list[gr.components.Component]:
+        """Place these fields here, in the caller's layout."""
+        out = []
+        for k in keys:
+            if k in self.components and k not in self._rendered:
+                self.components[k].render()
+                self._rendered.add(k)
+                out.append(self.components[k])
+        return out
+
+    def section_keys(self, section: str | None) -> list[str]:
+        return [k for k, (s, _, _) in self.fields.items() if s == section]
+
+    def rest(self, *sections: str | None, per_row: int = 3) -> list[gr.components.Component]:
+        """Every field of these sections not placed yet, in rows."""
+        keys = [k for s in sections for k in self.section_keys(s) if k not in self._rendered]
+        out = []
+        for i in range(0, len(keys), per_row):
+            with gr.Row():
+                out += self.render(*keys[i:i + per_row])
+        return out
+
+    @property
+    def inputs(self) -> set[gr.components.Component]:
+        """As an event's inputs: the handler gets one `{component: value}` dict."""
+        return set(self.components.values())
+
+    @property
+    def outputs(self) -> list[gr.components.Component]:
+        """As an event's outputs, in API order (a handler returns a dict keyed by component)."""
+        return list(self.components.values())
+
+    def changes(self, *keys: str) -> list:
+        return [self.components[k].change for k in keys]
+
+    # ---- values ----
+    def get(self, cfg: RunConfig, key: str) -> Any:
+        section = self.fields[key][0]
+        return getattr(cfg if section is None else getattr(cfg, section), key)
+
+    def to_config(self, values: dict, *, check: bool = True) -> RunConfig:
+        """Form values -> config. Every bad value is reported in one ConfigError; with `check`, then the
+        config's own cross-field checks."""
+        cfg = self.cls()
+        problems = []
+        for comp, key in self.key_of.items():
+            if comp not in values:
+                continue  # a field this event does not send keeps its default
+            v = self._from_widget(key, values[comp])
+            if v is None and self.fields[key][1].default is not None:
+                problems.append(f"{label_for(key)}: a value is required")
                 continue
-        updates[k] = v
-    try:
-        cfg = base.updated(**updates)
+            section, f, _ = self.fields[key]
+            try:
+                v = coerce(f, v)
+            except ValueError as e:
+                problems.append(f"{key}: {e}")
+                continue
+            setattr(cfg if section is None else getattr(cfg, section), key, v)
         problems += validate_fields(cfg)  # range problems too, so one message lists everything
-    except ConfigError as e:
-        problems += e.problems
-        cfg = None
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+        if problems:
+            raise ConfigError(problems)
+        return cfg.validate() if check else cfg
 
+    def updates(self, cfg: RunConfig, *, keep_file: bool = False) -> dict[gr.components.Component, Any]:
+        """{component: value} showing `cfg`. With `keep_file`, the file box keeps what it shows when `cfg` names no
+        dataset, or one the page cannot serve (a preset's, or a running job's, outside the app and temp folders)."""
+        out = {c: self._to_widget(k, self.get(cfg, k)) for k, c in self.components.items()}
+        path = self.get(cfg, "data_path") if "data_path" in self.components else None
+        if keep_file and (not path or not _served(path)):
+            out.pop(self.components["data_path"], None)
+        return out
 
-def form_values(cfg: RunConfig, keys: list[str]) -> list[Any]:
-    out = []
-    for k in keys:
-        v = cfg.get(k)
+    def values(self, items: dict[str, Any]) -> dict[gr.components.Component, Any]:
+        """{key: value} -> {component: value} (for scripts and tests)."""
+        return {self.components[k]: v for k, v in items.items()}
+
+    # ---- the one field whose widget value is not the config's ----
+    @staticmethod
+    def _from_widget(key: str, v: Any) -> Any:
+        if key == "data_path":
+            if v is None:
+                return ""  # an empty file box: no dataset yet
+            if isinstance(v, dict):  # FileData as a raw API request sends it
+                v = v.get("path") or ""
+            if not isinstance(v, str):
+                v = getattr(v, "name", None) or getattr(v, "path", None) or str(v)
+        return v
+
+    @staticmethod
+    def _to_widget(key: str, v: Any) -> Any:
         if isinstance(v, dict):
-            v = ", ".join(f"{a}={b}" for a, b in v.items())
-        if k == "data_path" and not v:
-            v = None
-        out.append(v)
-    return out
-
-
-# Markdown punctuation that can start a link, image, code span, emphasis or table cell anywhere in a line
-# ('_' only acts at word edges, and run names are full of it: left alone).
-_MD_SPECIAL = re.compile(r"([\\`*\[\]|~])")
-
-
-def md_text(s: object) -> str:
-    """Text from a user's file, a run name or an error, made inert for gr.Markdown: HTML escaped (a CSV header
-    holding `<form>` or `<img src=...>` must show as text to every session that opens the run) and Markdown
-    punctuation backslash-escaped (no links, images or code fences to break out of)."""
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(s), quote=False))
-
-
-def pre_block(s: object) -> str:
-    """Preformatted text for gr.Markdown that nothing inside can end early (a ``` fence can be)."""
-    return f'<pre class="qs-pre">{html.escape(str(s), quote=False)}</pre>'
-
-
-def labelled(problem: str) -> str:
-    """'column_map: …' -> 'Column map (column_map): …': in the app a problem names the field as the form labels
-    it, and keeps the setting's key, which is also its CLI flag and its name in a preset."""
-    key, sep, rest = problem.partition(":")
-    if sep and key in FIELD_INDEX:
-        return f"{label_for(key)} ({key}):{rest}"
-    for k in sorted(FIELD_INDEX, key=len, reverse=True):  # "column_map renames …", "name 'x y': use …"
-        if problem.startswith(k + " "):
-            return f"{label_for(k)} ({k}){problem[len(k):]}"
-    return problem
-
-
-def error_text(e: Exception) -> str:
-    if isinstance(e, ConfigError):
-        return "Please fix:\n" + "\n".join(f"• {labelled(p)}" for p in e.problems)
-    return str(e)
+            return ", ".join(f"{a}={b}" for a, b in v.items())
+        if key == "data_path" and not v:
+            return None
+        return v

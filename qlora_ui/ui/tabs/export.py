@@ -9,19 +9,19 @@ from __future__ import annotations
 import html
 import os
 import tempfile
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from ..export import GGUF_QUANTS, ExportError, ExportJobs, run_commands, zip_folder
-from ..studio import Studio
+from ...export import GGUF_QUANTS, ExportJobs, run_commands, zip_folder
+from ...studio import Studio
+from ..feedback import USER_ERRORS, progress_bar, state_colour, user_error
 
 MERGED, GGUF = "Merged 16-bit model (transformers)", "GGUF (llama.cpp, Ollama, LM Studio)"
 
 
-def build_export_panel() -> dict[str, Any]:
+def build() -> dict[str, Any]:
     c: dict[str, Any] = {}
     gr.Markdown("### Export\nUse the trained model outside this app: a standalone 16-bit model folder, or a GGUF "
                 "file for llama.cpp / Ollama with its Modelfile.")
@@ -38,23 +38,19 @@ def build_export_panel() -> dict[str, Any]:
 
 
 def progress_html(state: str, fraction: float, message: str) -> str:
-    colour = {"running": "#2563eb", "finished": "#16a34a", "failed": "#dc2626"}.get(state, "#6b7280")
-    return (f'<div class="qs-progress" data-state="{state}"><b style="color:{colour}">export {html.escape(state)}'
-            f'</b> · {100 * fraction:.0f}%<div class="qs-bar"><div style="width:{100 * fraction:.0f}%;'
-            f'background:{colour}"></div></div><div class="qs-msg">{html.escape(message)}</div></div>')
+    head = f'<b style="color:{state_colour(state)}">export {html.escape(state)}</b> · {100 * fraction:.0f}%'
+    return progress_bar(state, fraction, head, message)
 
 
-def start_export(studio: Studio, jobs: ExportJobs, run_name: str | None, fmt: str, quant: str) -> tuple:
-    from .handlers import to_gr_error, user_errors
-
+def start_export(studio: Studio, jobs: ExportJobs, c: dict, run_name: str | None, fmt: str, quant: str) -> dict:
     if not run_name:
         raise gr.Error("Pick a run to export.")
     try:
         run = studio.open(run_name)
         jobs.start(run, "gguf" if fmt == GGUF else "merged", quant)
-    except (*user_errors(), ExportError) as e:
-        raise to_gr_error(e) from None
-    return progress_html("running", 0.0, "starting"), gr.Timer(active=True)
+    except USER_ERRORS as e:
+        raise user_error(e) from None
+    return {c["progress"]: progress_html("running", 0.0, "starting"), c["timer"]: gr.Timer(active=True)}
 
 
 def _downloads(studio: Studio, job) -> tuple[list[str], str]:
@@ -77,27 +73,33 @@ def _downloads(studio: Studio, job) -> tuple[list[str], str]:
     return [str(res.path), str(res.modelfile)], text
 
 
-def poll_export(studio: Studio, jobs: ExportJobs, run_name: str | None) -> tuple:
+def poll_export(studio: Studio, jobs: ExportJobs, c: dict, run_name: str | None) -> dict:
     job = jobs.get(run_name) if run_name else None
+    stopped = gr.Timer(active=False)
     if job is None:
-        return "", None, "", gr.Timer(active=False)
+        return {c["progress"]: "", c["files"]: None, c["commands"]: "", c["timer"]: stopped}
     if job.alive:
-        return progress_html("running", job.fraction, job.message), gr.skip(), gr.skip(), gr.skip()
+        return {c["progress"]: progress_html("running", job.fraction, job.message)}
     if job.state == "failed":
-        return progress_html("failed", job.fraction, job.message), None, "", gr.Timer(active=False)
+        return {c["progress"]: progress_html("failed", job.fraction, job.message), c["files"]: None,
+                c["commands"]: "", c["timer"]: stopped}
     files, cmd = _downloads(studio, job)
     msg = f"{job.result.path.name} in {job.result.seconds:.0f} s"
-    return progress_html("finished", 1.0, msg), files, cmd, gr.Timer(active=False)
+    return {c["progress"]: progress_html("finished", 1.0, msg), c["files"]: files, c["commands"]: cmd,
+            c["timer"]: stopped}
 
 
-def wire_export_panel(studio: Studio, c: dict[str, Any], run: gr.Dropdown) -> ExportJobs:
-    """Connect the panel to the run picker; the returned job list is app-wide (one per app, not per session)."""
+def wire(studio: Studio, c: dict, run: gr.Dropdown) -> ExportJobs:
+    """Connect the panel to the Runs tab's run picker; the returned job list is app-wide (one per app, not per
+    session)."""
     jobs = ExportJobs()
     outs = [c["progress"], c["files"], c["commands"], c["timer"]]
-    c["start"].click(partial(start_export, studio, jobs), [run, c["format"], c["quant"]],
+    c["start"].click(lambda r, f, q: start_export(studio, jobs, c, r, f, q), [run, c["format"], c["quant"]],
                      [c["progress"], c["timer"]], api_name="export_run")
-    c["timer"].tick(partial(poll_export, studio, jobs), run, outs, show_progress="hidden", api_name=False)
+    poll = dict(fn=lambda r: poll_export(studio, jobs, c, r), inputs=run, outputs=outs, show_progress="hidden",
+                api_name=False)
+    c["timer"].tick(**poll)
     # Picking another run shows that run's export, if one is running or done in this app.
-    run.change(partial(poll_export, studio, jobs), run, outs, show_progress="hidden", api_name=False)
+    run.change(**poll)
     c["format"].change(lambda f: gr.update(visible=f == GGUF), c["format"], c["quant"], api_name=False)
     return jobs

@@ -1,0 +1,139 @@
+"""Runs tab: every run folder as a table, loss curves overlaid, adapter download, the reproducing command.
+The Export section below it is its own module (tabs/export.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ...resume_rules import resumable_runs
+from ...studio import Studio
+from ..feedback import USER_ERRORS, md_text, user_error
+
+RUN_COLUMNS = ["name", "model", "status", "step", "final_loss", "eval_loss", "created"]
+
+
+def build() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Row():
+        c["refresh"] = gr.Button("↻ Refresh", scale=1)
+        c["selected"] = gr.Dropdown(label="Runs to compare", multiselect=True, choices=[], scale=4,
+                                    elem_id="runs-selected")
+    c["table"] = gr.Dataframe(headers=RUN_COLUMNS, label="Runs", interactive=False, wrap=True, elem_id="runs-table")
+    c["overlay"] = gr.Plot(label="Loss curves")
+    with gr.Row():
+        c["run"] = gr.Dropdown(label="Run", choices=[], scale=3, elem_id="runs-one")
+        c["download"] = gr.DownloadButton("Download adapter (.zip)", scale=1, elem_id="download-btn")
+        c["resume"] = gr.Button("Resume this run", scale=1)
+        c["delete"] = gr.Button("Delete run", variant="stop", scale=1)
+    c["details"] = gr.Markdown()
+    c["command"] = gr.Code(label="Reproduce with the CLI (from the app's folder)", language="shell",
+                           interactive=False, wrap_lines=True)
+    return c
+
+
+def runs_table(studio: Studio, c: dict, resume_run: gr.Dropdown, preselect: bool = False) -> dict:
+    """The Runs table and the run pickers fed from it (the Train tab's `resume_run` too). With `preselect` (page
+    load), the newest run is picked in the Runs tab (its curve shows at once) and the newest interrupted run is
+    offered for Resume."""
+    import pandas as pd
+
+    rows, runs = [], studio.runs()
+    for r in runs:
+        s = r.summary()
+        s["step"] = f"{s['step']}/{s['max_steps'] or '?'}"
+        s["model"] = Path(str(s["model"])).name if str(s["model"]).startswith("/") else s["model"]
+        for k in ("final_loss", "eval_loss"):
+            s[k] = None if s[k] is None else round(s[k], 4)
+        rows.append({k: s[k] for k in RUN_COLUMNS})
+    names = [r["name"] for r in rows]
+    out = {c["table"]: pd.DataFrame(rows, columns=RUN_COLUMNS)}
+    resumable = resumable_runs(studio)
+    if not preselect:
+        return out | {c["selected"]: gr.update(choices=names), c["run"]: gr.update(choices=names),
+                      resume_run: gr.update(choices=resumable)}
+    newest = max(runs, key=lambda r: r.path.stat().st_mtime, default=None)
+    interrupted = [r for r in sorted(runs, key=lambda r: r.path.stat().st_mtime, reverse=True)
+                   if r.state == "interrupted" and r.name in resumable]
+    return out | {c["selected"]: gr.update(choices=names, value=[newest.name] if newest else []),
+                  c["run"]: gr.update(choices=names, value=newest.name if newest else None),
+                  resume_run: gr.update(choices=resumable, value=interrupted[0].name if interrupted else None)}
+
+
+def overlay(studio: Studio, selected: list[str] | None) -> Any:
+    from ...plots import overlay_figure
+
+    if not selected:
+        return None
+    data = {}
+    for name in selected:
+        try:
+            data[name] = studio.open(name).read_metrics()
+        except USER_ERRORS:
+            continue
+    return overlay_figure(data)
+
+
+def run_details(studio: Studio, c: dict, run_name: str | None) -> dict:
+    if not run_name:
+        return {c["details"]: "", c["command"]: "", c["download"]: gr.update(value=None)}
+    from ...config import cli_command
+
+    try:
+        run = studio.open(run_name)
+        cfg = run.config()
+    except USER_ERRORS as e:
+        raise user_error(e) from None
+    s = run.summary()
+    details = (f"**{md_text(run.name)}** · {md_text(s['status'])} · step {s['step']} · {md_text(s['message'])}  \n"
+               f"Folder: {md_text(studio.shown_path(run.path))} · adapter: {'yes' if s['adapter'] else 'not yet'}")
+    zip_path = str(run.adapter_zip()) if run.has_adapter() else None
+    # Runnable as written from the app's folder: the venv's python, paths relative to it, wrapped.
+    command = cli_command(cfg, python=".venv/bin/python", relative_to=Path.cwd(), width=100)
+    return {c["details"]: details, c["command"]: command, c["download"]: gr.update(value=zip_path)}
+
+
+def download_hint(studio: Studio, run_name: str | None) -> None:
+    """The download button does nothing without a file; say why instead."""
+    if not run_name:
+        gr.Warning("Pick a run first (the Run list beside this button): its adapter is what gets downloaded.")
+        return
+    try:
+        run = studio.open(run_name)
+    except USER_ERRORS:
+        return
+    if not run.has_adapter():
+        gr.Warning(f"{run.name} has no adapter yet: it is saved when the run finishes or is stopped.")
+
+
+def delete_run(studio: Studio, run_name: str | None) -> None:
+    if not run_name:
+        raise gr.Error("Pick a run.")
+    try:
+        studio.delete(run_name)
+    except USER_ERRORS as e:
+        raise user_error(e) from None
+    gr.Info(f"Deleted {run_name}")
+
+
+def wire(studio: Studio, c: dict, train: dict) -> None:
+    """`train` is the Train tab: its Resume list is fed from the table, and this tab's Resume reports there."""
+    from .train import resume_training
+
+    table = dict(fn=lambda: runs_table(studio, c, train["resume_run"]), inputs=None,
+                 outputs=[c["table"], c["selected"], c["run"], train["resume_run"]])
+    c["refresh"].click(**table, api_name="list_runs")
+    c["selected"].change(lambda sel: overlay(studio, sel), c["selected"], c["overlay"], api_name=False)
+    c["run"].change(lambda r: run_details(studio, c, r), c["run"], [c["details"], c["command"], c["download"]],
+                    api_name="run_details")
+    c["resume"].click(lambda r: resume_training(studio, r), c["run"], train["progress"], api_name=False)
+    c["download"].click(lambda r: download_hint(studio, r), c["run"], None, api_name=False)
+    c["delete"].click(lambda r: delete_run(studio, r), c["run"], None, api_name="delete_run").then(
+        **table, api_name=False)
+
+
+def page_load(studio: Studio, c: dict, train: dict, demo: gr.Blocks) -> None:
+    demo.load(lambda: runs_table(studio, c, train["resume_run"], preselect=True), None,
+              [c["table"], c["selected"], c["run"], train["resume_run"]], api_name=False)
