@@ -11,7 +11,12 @@ the increase with the planner's step-dependent parts (gradients + optimizer stat
 
 CPU: memory is the process's resident set (RSS). The peak is the kernel's high-water mark (ru_maxrss) when
 the step raised it, else the highest value a sampling thread saw every 2 ms. glibc's free memory is handed
-back (malloc_trim) before the baseline so the baseline is live memory, not the loader's leftovers.
+back (malloc_trim) before the baseline so the baseline is live memory, not the loader's leftovers. RSS also
+holds glibc's freed-but-kept heap and oneDNN's kernel workspaces, which differ between CPUs (AMX, AVX-512 BF16)
+and between runs; `--tensors` measures each case once more with a tally of the live tensors the step creates
+(TensorTally, the allocator's view), which does not.
+
+    python bench/measure_memory.py --model bundled --batch 2 --seq 256 --tensors --also-trim   # all three views
 CUDA: torch.cuda.max_memory_allocated (tensors only; the CUDA context and allocator cache are not included).
 
 Two steps by default: the optimizer allocates its state at the end of the first step, so the steady-state

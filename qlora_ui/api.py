@@ -9,8 +9,11 @@ messages, seed and greedy settings give the same reply on both.
 Why the rows are submitted here and not through `ChatEngine.stream`: the API needs the request itself, to count the
 generated tokens (`usage`, `finish_reason`) and to drop a row whose client went away while it still waits in line.
 
+A run's exported GGUF is answered by the Chat tab's llama.cpp backend instead (one reply at a time, in its child
+process), read through the same row interface.
+
 Keys: the API reads `Authorization: Bearer KEY` only, never Gradio's login cookie; Gradio reads its cookie only, so
-an API key does not open the page. No FastAPI-free engine code lives here: this module knows HTTP, not gradio.
+an API key does not open the page. This module imports FastAPI, never gradio: `serve` runs it without the page.
 """
 
 from __future__ import annotations
@@ -353,6 +356,8 @@ class Cutter:
 # ---- the app ----
 
 class Api:
+    """One /v1 app's state: the studio (its chat engine and batch server), the model ids, the keys."""
+
     def __init__(self, studio, keys: list[str] | None = None, exposed: bool = False, runs: list[str] | None = None):
         self.studio, self.models = studio, Models(studio, runs)
         self.check = KeyCheck(list(keys or []), exposed)

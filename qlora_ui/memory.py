@@ -295,6 +295,11 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
                     e*(2h + 3i) + QLoRA's dequantized weight (bf16, then fp32 in backward: 6 bytes x the
                     largest matrix)
     On CPU, add the runtime (CPU_RUNTIME_BYTES) and glibc's heap slack (cpu_allocator_slack).
+
+    Both phases are upper bounds, checked against a tally of the live tensors (bench/measure_memory.py
+    --tensors, docs/memory.md): the loss phase is exact, but estimate() adds the gradients to it although backward
+    has made none yet (the bundled model: 5% high); the layer phase counts its terms as if all alive at once
+    (a deep, small-vocabulary model: 19% high). Conservative on purpose: "fits" must not be optimistic.
     """
     t = s.batch * s.seq
     h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab

@@ -334,6 +334,22 @@ def test_a_client_that_goes_away_frees_its_row(keyed):
     assert waited < left / 2, f"the next reply waited {waited:.1f} s; the abandoned row had {left:.1f} s left"
 
 
+@pytest.mark.slow
+def test_behind_share_without_a_key_the_api_stays_off(tmp_path):
+    from tests.test_browser import start_app
+
+    proc, url = start_app(tmp_path, None, "--share", "--auth", f"{AUTH[0]}:{AUTH[1]}")
+    try:
+        off = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert off.status_code == 401 and off.json()["error"]["code"] == "api_off"
+        log = wait_for(lambda: "(/v1) is off" in (t := next(tmp_path.glob("app-*.log")).read_text()) and t, 60,
+                       "the start message about the API")
+        assert "--api-key" in log
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 # ---- without a running app ----
 
 def test_key_files_others_can_read_are_refused_and_the_api_is_off_without_a_key(tmp_path):
@@ -416,3 +432,38 @@ def test_streamed_text_holds_back_half_characters_and_half_stop_strings():
     assert cut.text == "Hi é ENx and "
     last = Cutter([])
     assert last.update("a\ufffd", True) == "a\ufffd" and not last.stopped  # the final text is sent as it is
+
+
+def test_bad_requests_are_refused_before_any_model_loads(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from qlora_ui.api import MAX_BODY_BYTES, build_api
+    from qlora_ui.studio import Studio
+
+    api = TestClient(build_api(Studio(tmp_path / "runs")))
+    ok = {"model": "bundled:SmolLM2-135M-Instruct", "messages": HI}
+    cases = [
+        ({**ok, "temperature": 2.5}, 400, "temperature"), ({**ok, "top_p": 0}, 400, "top_p"),
+        ({**ok, "max_tokens": 0}, 400, "max_tokens"), ({**ok, "max_tokens": 1.5}, 400, "max_tokens"),
+        ({**ok, "seed": True}, 400, "seed"), ({**ok, "n": 3}, 400, "n"), ({**ok, "logprobs": True}, 400, "logprobs"),
+        ({**ok, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"), ({**ok, "stream": "yes"}, 400, "stream"),
+        ({"model": ok["model"], "messages": []}, 400, "messages"),
+        ({**ok, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+         "messages[0].content"),
+        ({**ok, "messages": HI + [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+        ({"messages": HI}, 400, "model"), ({**ok, "model": "../../etc"}, 404, "model"),
+    ]
+    for body, status, param in cases:
+        r = api.post("/chat/completions", json=body)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), (body, r.json())
+    # neutral values of unsupported parameters, as some clients always send them, pass on to the model lookup
+    r = api.post("/chat/completions", json={**ok, "model": "nope", "presence_penalty": 0, "tools": [], "n": 1,
+                                            "messages": [{"role": "developer", "content": "Be brief."}] + HI})
+    assert r.status_code == 404
+    assert api.post("/completions", json={"model": "tiny", "prompt": ["a", "b"]}).status_code == 400
+    big = api.post("/chat/completions", content=b" " * (MAX_BODY_BYTES + 1),
+                   headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+    assert api.get("/nothing").json()["error"]["code"] == "unknown_url"

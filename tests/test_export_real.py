@@ -77,4 +77,5 @@ def test_gguf_next_token_argmax_matches_the_merged_model(exported, real_run):
         total += len(ids)
     llm.close()
     assert total > 200
-    assert same / total >= 0.90, f"GGUF Q8_0 agrees with the merged model at {same}/{total} positions"
+    # docs/export.md: 245/254 = 96.5%; 95% leaves room for a few positions, not for a broken quantizer.
+    assert same / total >= 0.95, f"GGUF Q8_0 agrees with the merged model at {same}/{total} positions"

@@ -219,19 +219,24 @@ def test_exception_in_training_shows_failed_with_a_hint_in_the_ui(tiny_model_dir
 def test_a_crash_mid_write_leaves_status_and_metrics_readable(tmp_path, monkeypatch):
     run = create_run(RunConfig().updated(runs_dir=str(tmp_path / "runs"), name="atomic"))
     run.write_status("running", "training", step=3)
+    for step in (1, 2, 3):  # a metrics file with rows the truncation would drop, so "stays whole" is observable
+        run.append_metrics({"step": step, "loss": 2.0 / step})
+    metrics_before = run.metrics_path.read_bytes()
 
     def crash(*a, **k):
         raise OSError("killed between write and rename")
 
     monkeypatch.setattr(runs_mod.os, "replace", crash)
     with pytest.raises(OSError):
-        run.write_status("finished", "done", step=4)
+        run.truncate_metrics(1)
     with pytest.raises(OSError):
-        run.truncate_metrics(0)
+        run.write_status("finished", "done", step=4)
     monkeypatch.undo()
+    assert run.metrics_path.read_bytes() == metrics_before  # all three rows: the previous file, whole
     st = json.loads(run.status_path.read_text())  # still the whole previous status, never half a file
     assert st["state"] == "running" and st["step"] == 3
 
+    run.metrics_path.unlink()
     run.append_metrics({"step": 1, "loss": 2.0})
     with open(run.metrics_path, "a") as f:
         f.write('{"step": 2, "lo')  # torn last line

@@ -62,6 +62,27 @@ def test_each_option_trains_two_steps_with_every_lora_gradient(option, tiny_mode
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_gaussian_init_draws_lora_a_from_a_normal_distribution(tiny_model_dir):
+    """peft's "gaussian" init: A ~ N(0, 1/r), B = 0; the default is Kaiming-uniform A (std ~0.07 here). Checked by
+    spread and by shape: kurtosis 3 for a normal, 1.8 for a uniform."""
+
+    def lora_a(init):
+        cfg = cfg_for(tiny_model_dir, lora_init=init)
+        m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
+        assert all(float(p.abs().max()) == 0 for n, p in m.named_parameters() if "lora_B" in n)
+        return torch.cat([p.detach().flatten() for n, p in m.named_parameters() if "lora_A" in n])
+
+    def kurtosis(x):
+        z = (x - x.mean()) / x.std()
+        return float((z**4).mean())
+
+    gauss, default = lora_a("gaussian"), lora_a("default")
+    assert gauss.numel() > 5000
+    assert float(gauss.std()) == pytest.approx(1 / 8, rel=0.05)
+    assert 2.7 < kurtosis(gauss) < 3.3, kurtosis(gauss)
+    assert kurtosis(default) < 2.2, kurtosis(default)
+
+
 def test_loftq_brings_each_4bit_layer_closer_to_its_original_weight(tiny_model_dir):
     from qlora_ui.loftq import apply_loftq
 
@@ -159,7 +180,8 @@ def test_loftq_without_safetensors_says_what_to_do(tmp_path, tiny_model_dir):
 
 def test_chat_serves_a_dora_adapter_with_the_training_logits(tiny_model_dir, tokenizer, tmp_path):
     """On an AVX512-BF16 CPU the chat base repacks its 4-bit weights at the first generate, and DoRA's weight
-    norm then dequantized the repacked bytes (logits off by 0.16): a DoRA adapter gets a plain-layout base."""
+    norm then dequantized the repacked bytes (logits off by 0.16): a DoRA adapter gets a plain-layout base. (The
+    batch server's rule that keeps DoRA rows out of mixed batches: tests/test_serving.py, the DoRA test.)"""
     from qlora_ui.chat import ChatEngine, GenerationSettings
 
     cfg = cfg_for(tiny_model_dir, use_dora=True)
