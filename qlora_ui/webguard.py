@@ -25,6 +25,17 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0"}
 MAX_USER_NAME = 256  # characters; app.py refuses longer names in the auth file
 
 
+class _Failures:
+    """One user name's failed sign-ins: recent failure times, the lockouts so far and when the current one ends."""
+
+    __slots__ = ("times", "level", "locked_until")
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.level = 0
+        self.locked_until = 0.0
+
+
 class LoginThrottle:
     """Gradio's `auth=` callable: checks USER:PASS pairs in constant time, and after `max_failures` wrong
     passwords for one user name within `window_s` refuses that name for `lockout_s` (doubling on each further
@@ -43,8 +54,8 @@ class LoginThrottle:
         self.users = {u for u, _ in pairs}
         self.max_failures, self.window_s = max_failures, window_s
         self.lockout_s, self.max_lockout_s, self.max_unknown = lockout_s, max_lockout_s, max_unknown
-        self._failures: dict[str, list[float]] = {}
-        self._unknown: OrderedDict[bytes, list[float]] = OrderedDict()
+        self._failures: dict[str, _Failures] = {}
+        self._unknown: OrderedDict[bytes, _Failures] = OrderedDict()
         self._lock = threading.Lock()
 
     def _table_key(self, username: str) -> tuple[dict, str | bytes]:
@@ -57,12 +68,8 @@ class LoginThrottle:
         now = time.time() if now is None else now
         table, key = self._table_key(username)
         with self._lock:
-            times = [t for t in table.get(key, []) if now - t < self.window_s]
-        if len(times) < self.max_failures:
-            return 0.0
-        extra = len(times) - self.max_failures
-        wait = min(self.lockout_s * 2 ** extra, self.max_lockout_s)
-        return max(0.0, times[-1] + wait - now)
+            state = table.get(key)
+        return max(0.0, state.locked_until - now) if state else 0.0
 
     def check(self, username: str, password: str) -> bool:
         u, p = username.encode(), password.encode()
@@ -88,9 +95,17 @@ class LoginThrottle:
             return True
         now = time.time()
         with self._lock:
-            times = [t for t in table.pop(key, []) if now - t < self.window_s] + [now]
-            # The doubling lockout tops out long before this many failures: older ones say nothing more.
-            table[key] = times[-(self.max_failures + 16):]
+            state = table.pop(key, None) or _Failures()
+            if state.level and now - state.locked_until >= self.window_s:
+                state = _Failures()  # a quiet window after the last lockout ended: the streak is over
+            state.times = [t for t in state.times if now - t < self.window_s][-self.max_failures:] + [now]
+            # Five failures within the window start a lockout; every failure after one (it can only come once
+            # the lockout has ended) doubles it. Counting the streak, not a window ending now, is what lets the
+            # lockout reach its cap: the first failures leave any window long before it would.
+            if state.level or len(state.times) >= self.max_failures:
+                state.level += 1
+                state.locked_until = now + min(self.lockout_s * 2 ** (state.level - 1), self.max_lockout_s)
+            table[key] = state
             if table is self._unknown:
                 while len(self._unknown) > self.max_unknown:
                     self._unknown.popitem(last=False)
