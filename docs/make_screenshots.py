@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, plot_points, start_app  # noqa: E402
+from tests.fault_helpers import chromium, plot_points, start_app  # noqa: E402
 
 
 def runs_tab_shot(page, run_name: str, out: Path) -> None:
@@ -39,13 +39,10 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from playwright.sync_api import sync_playwright
-
     tmp = Path(tempfile.mkdtemp(prefix="qlora-shots-"))
     proc, url = start_app(tmp, None)
     try:
-        with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        with chromium() as b:
             page = b.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=180_000)
@@ -107,7 +104,6 @@ def main() -> int:
             page.get_by_role("button", name="↻ Refresh").click()
             time.sleep(2)
             runs_tab_shot(page, run.name, out)
-            b.close()
     finally:
         proc.terminate()
         proc.wait(20)

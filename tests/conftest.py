@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama models built from a config (seconds per test), offline."""
+"""Shared fixtures: tiny random Llama models built from a config (seconds per test), offline; headless Chromium.
+The helpers they use, and every test module uses, are in tests/fault_helpers.py."""
 
 from __future__ import annotations
 
@@ -39,24 +40,20 @@ def tokenizer(bundled_dir):
     return AutoTokenizer.from_pretrained(bundled_dir)
 
 
-def make_tiny_model(out: Path, tokenizer, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    from tests.fault_helpers import make_tiny_model
+
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for one browser test module (tests.fault_helpers.chromium)."""
+    from tests.fault_helpers import chromium
+
+    with chromium() as b:
+        yield b
 
 
 def pytest_report_header(config):

@@ -1,20 +1,30 @@
-"""Helpers shared by the bad-settings, fault, security and two-session tests (not a test module)."""
+"""The tests' one helper module (not a test module): tiny models and their configs, the CLI in a subprocess, the app
+and headless Chromium, form values as handlers get them, waiting, bad model folders. Fixtures are in conftest.py.
+Test modules import it as `from tests.fault_helpers import ...` (conftest.py puts the repo root on sys.path)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from qlora_ui.config import RunConfig, load_preset
 from qlora_ui.ui.form import Form
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+BAD = DATA / "bad"  # files that are wrong in one way each
 ROWS = [{"instruction": f"Say the word number {i}.", "output": f"Arr! Number {i} it be, matey."} for i in range(40)]
 
 
@@ -23,19 +33,166 @@ def write_rows(path: Path, n: int = 40) -> Path:
     return path
 
 
-def cli(*args: Any, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def cli(*args: Any, timeout: float = 300, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m qlora_ui ARGS` as a user runs it (output captured as text; `env` None: this process's)."""
     return subprocess.run([sys.executable, "-m", "qlora_ui", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
+
+
+def cli_start(*args: Any, **popen: Any) -> subprocess.Popen:
+    """The same CLI started in the background, from the repo root; `popen`: Popen's keywords (stdout, ...)."""
+    return subprocess.Popen([sys.executable, "-m", "qlora_ui", *map(str, args)], cwd=ROOT, **popen)
+
+
+# ---- tiny models and their configs ----
+
+def make_tiny_model(out: Path, tokenizer, seed: int = 0, **llama: Any) -> Path:
+    """A random 2-layer Llama (hidden 64) with the bundled tokenizer, saved in bf16 to `out`; `llama` overrides its
+    LlamaConfig (e.g. initializer_range)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                 tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(LlamaConfig(**(shape | llama))).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_cfg(model: str | Path, data: str | Path | None = None, *, preset: str | None = None,
+             defaults: dict[str, Any] | None = None, **kw: Any) -> RunConfig:
+    """The tests' one config builder: `preset` (or RunConfig's defaults) with the model, the data (when given),
+    then `defaults`, then `kw` set."""
+    values = {"base_model": str(model), **({} if data is None else {"data_path": str(data)}), **(defaults or {}), **kw}
+    return (load_preset(preset) if preset else RunConfig()).updated(**values)
+
+
+# The quick-start preset made fast for a tiny model: short rows, small batch, plain AdamW.
+FAST = dict(max_steps=16, batch_size=2, eval_fraction=0.0, gradient_checkpointing=False, optimizer="adamw_torch",
+            save_steps=4, lora_r=4, lora_alpha=8, warmup_ratio=0.0, name="t")
+# A rank-8 adapter without dropout computed in fp32: logits compare exactly.
+LORA_FP32 = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0, compute_dtype="fp32")
 
 
 def fast_cfg(model: str | Path, data: str | Path, **kw: Any) -> RunConfig:
-    """The quick-start preset made fast for a tiny model: short rows, small batch, plain AdamW."""
-    base = dict(base_model=str(model), data_path=str(data), max_steps=16, batch_size=2, eval_fraction=0.0,
-                gradient_checkpointing=False, optimizer="adamw_torch", save_steps=4, lora_r=4, lora_alpha=8,
-                warmup_ratio=0.0, name="t")
-    base.update(kw)
-    return load_preset("cpu-quickstart").updated(**base)
+    """The quick-start preset made fast for a tiny model (FAST), then `kw`."""
+    return make_cfg(model, data, preset="cpu-quickstart", defaults=FAST, **kw)
 
+
+def lora_cfg(model: str | Path, **kw: Any) -> RunConfig:
+    """RunConfig's defaults with LORA_FP32, then `kw`: for loading the model and an adapter, not for a run."""
+    return make_cfg(model, defaults=LORA_FP32, **kw)
+
+
+def nudge_adapter(model, seed: int, scale: float):
+    """Move a fresh adapter off its no-op start: lora_B (and DoRA magnitudes) += N(0, scale²), seeded; returns the
+    model."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+# ---- the app and headless Chromium ----
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """Headless Chromium (a playwright Browser), closed on leaving; fails the test where Chromium is missing."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is missing: `apt-get install -y chromium` (make test does this as root).")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(tmp: Path, model_dir: Path | None, *extra: str, env_extra: dict | None = None):
+    """`python app.py` on a free port, runs under tmp/runs, `model_dir` copied to tmp/models/tiny; (proc, url)
+    once it answers."""
+    port = free_port()
+    models = tmp / "models"
+    models.mkdir(exist_ok=True)
+    if model_dir is not None and not (models / "tiny").exists():
+        shutil.copytree(model_dir, models / "tiny")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           **(env_extra or {})}
+    log = open(tmp / f"app-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(tmp / "runs"),
+                             "--model-root", str(models), *extra], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited: {(tmp / f'app-{port}.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("app did not start in 120 s")
+
+
+def shots_dir(tmp: Path) -> Path:
+    d = Path(os.environ.get("QLORA_SCREENSHOTS") or tmp / "shots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def plot_points(page) -> int:
+    """Points of the train-loss trace in the live plotly chart."""
+    return page.locator("#train-plot .scatterlayer .trace").first.locator("path.point").count()
+
+
+VIEWPORT = {"width": 1400, "height": 1000}
+
+
+def open_app(page, url: str):
+    """Go to the app and wait until the form shows the quick start's bundled dataset understood; returns the page."""
+    page.goto(url)
+    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+    return page
+
+
+def start_training(page, max_steps: int) -> None:
+    """On the Train tab: set Max steps, press Start training, wait until the progress bar says it runs."""
+    steps = page.get_by_label("Max steps")
+    steps.fill(str(max_steps))
+    steps.press("Tab")
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
+
+
+def use_tiny_model(page, models_root: Path):
+    box = page.get_by_label("Base model")
+    box.click()
+    box.fill(str(models_root / "tiny"))
+    box.press("Enter")
+
+
+# ---- form values as the handlers get them ----
 
 # The form's components (unrendered): the handlers' inputs are keyed by them, as Gradio passes them.
 FORM = Form()

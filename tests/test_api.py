@@ -252,6 +252,30 @@ def test_every_error_has_openais_shape_and_status(served):
     assert raw.status_code == 400 and raw.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.slow
+def test_the_chat_tabs_example_works_as_copied(served):
+    from urllib.parse import urlsplit
+
+    from qlora_ui.studio import Studio
+    from qlora_ui.ui.tabs import chat as chat_tab
+
+    studio = Studio(served["tmp"] / "runs", model_roots=[served["tmp"] / "models"])
+    host = urlsplit(served["url"]).netloc
+    shown = chat_tab.api_example(studio, ByName(), served["run"], host=host)
+    assert f"`{served['url']}/v1`" in shown["api_info"] and f"`{served['run']}`" in shown["api_info"]
+    curl = subprocess.run(["bash", "-c", shown["api_curl"]], capture_output=True, text=True, timeout=120)
+    reply = json.loads(curl.stdout)
+    assert reply["model"] == served["run"] and reply["choices"][0]["message"]["content"]
+    python = subprocess.run([sys.executable, "-c", shown["api_python"]], capture_output=True, text=True, timeout=120)
+    assert python.returncode == 0 and python.stdout.strip(), python.stderr
+    base = chat_tab.api_example(studio, ByName(), chat_tab.BASE_ONLY, host=host)
+    assert '"bundled:SmolLM2-135M-Instruct"' in base["api_curl"]
+    studio.api_access = "key"  # what app.py's mount sets when keys are configured
+    keyed = chat_tab.api_example(studio, ByName(), served["run"], host="abc.gradio.live", scheme="https")
+    assert "Bearer $QLORA_API_KEY" in keyed["api_curl"] and "https://abc.gradio.live/v1" in keyed["api_curl"]
+    assert 'os.environ["QLORA_API_KEY"]' in keyed["api_python"]
+
+
 # ---- the shared app: keys, busy, a client that goes away ----
 
 @pytest.mark.slow

@@ -6,17 +6,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.fault_helpers import ROOT, free_port
 
 
 @pytest.mark.slow
 def test_share_without_a_reachable_tunnel_says_so_and_keeps_serving(tmp_path):
-    from tests.test_browser import free_port
-
     port = free_port()
     log = tmp_path / "app.log"
     with open(log, "w") as f:

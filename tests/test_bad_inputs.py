@@ -11,8 +11,7 @@ import pytest
 
 from qlora_ui.config import DataConfig
 from qlora_ui.data import DataError, inspect_file, prepare_dataset, read_records
-
-BAD = Path(__file__).resolve().parent / "data" / "bad"
+from tests.fault_helpers import BAD
 
 
 @dataclass

@@ -15,6 +15,7 @@ import pytest
 from qlora_ui.studio import Studio
 from qlora_ui.ui.tabs import model_data, train
 from tests.fault_helpers import (
+    BAD,
     FORM,
     ByName,
     bad_model_folders,
@@ -157,7 +158,7 @@ def test_running_app_refuses_every_bad_value_and_keeps_serving(env, tiny_model_d
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    from tests.test_browser import start_app
+    from tests.fault_helpers import start_app
 
     tmp, _, data = env
     app_tmp = tmp / "app"
@@ -181,8 +182,6 @@ def test_running_app_refuses_every_bad_value_and_keeps_serving(env, tiny_model_d
         assert run_dirs(runs) == []
 
         # A partly valid file: how many rows were kept, and why the rest were dropped.
-        from tests.test_bad_inputs import BAD
-
         vals = form(fast_cfg(models["tiny"], data), data_path=handle_file(str(BAD / "broken_line.jsonl")))
         summary = client.predict(*vals, api_name="/inspect_data")[0]
         assert "4 kept" in summary and "malformed" in summary and "line 3" in summary, summary

@@ -7,69 +7,22 @@ Screenshots go to $QLORA_SCREENSHOTS (docs/screenshots when refreshing the READM
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+from tests.fault_helpers import (
+    DATA,
+    VIEWPORT,
+    open_app,
+    plot_points,
+    shots_dir,
+    start_app,
+    start_training,
+    use_tiny_model,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(tmp: Path, model_dir: Path | None, *extra: str, env_extra: dict | None = None):
-    port = free_port()
-    models = tmp / "models"
-    models.mkdir(exist_ok=True)
-    if model_dir is not None and not (models / "tiny").exists():
-        shutil.copytree(model_dir, models / "tiny")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
-           **(env_extra or {})}
-    log = open(tmp / f"app-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(tmp / "runs"),
-                             "--model-root", str(models), *extra], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    import urllib.request
-
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {(tmp / f'app-{port}.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("app did not start in 120 s")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is missing: `apt-get install -y chromium` (make test does this as root).")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -81,30 +34,10 @@ def app(tmp_path_factory, tiny_model_dir):
     proc.wait(20)
 
 
-def shots_dir(tmp: Path) -> Path:
-    d = Path(os.environ.get("QLORA_SCREENSHOTS") or tmp / "shots")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def plot_points(page) -> int:
-    """Points of the train-loss trace in the live plotly chart."""
-    return page.locator("#train-plot .scatterlayer .trace").first.locator("path.point").count()
-
-
-def use_tiny_model(page, models_root: Path):
-    box = page.get_by_label("Base model")
-    box.click()
-    box.fill(str(models_root / "tiny"))
-    box.press("Enter")
-
-
 def train_tab_on_tiny_model(browser, app):
     """A fresh page on the app, the tiny model chosen, the Train tab open."""
     url, tmp = app
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+    page = open_app(browser.new_page(viewport=VIEWPORT), url)
     use_tiny_model(page, tmp / "models")
     page.get_by_role("tab", name="Train").click()
     return page, tmp
@@ -113,10 +46,8 @@ def train_tab_on_tiny_model(browser, app):
 def test_upload_train_reload_stop_chat_compare(browser, app):
     url, tmp = app
     shots = shots_dir(tmp)
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
     # The form opens on the quick-start preset with its bundled dataset already understood.
-    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+    page = open_app(browser.new_page(viewport=VIEWPORT), url)
 
     # Model & Data: upload our own file and see it understood.
     use_tiny_model(page, tmp / "models")
@@ -130,11 +61,7 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
 
     # Train: a short run; the loss chart gains points while it runs.
     page.get_by_role("tab", name="Train").click()
-    steps = page.get_by_label("Max steps")
-    steps.fill("3000")  # long enough to still be running at the second Start and the reload (Stop ends it)
-    steps.press("Tab")
-    page.get_by_role("button", name="Start training").click()
-    page.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
+    start_training(page, 3000)  # long enough to still be running at the second Start and the reload (Stop ends it)
     deadline = time.time() + 120
     while plot_points(page) < 3 and time.time() < deadline:
         time.sleep(0.5)

@@ -6,28 +6,21 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import psutil
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, shots_dir, start_app, use_tiny_model
+
+from tests.fault_helpers import VIEWPORT, open_app, shots_dir, start_app, start_training, use_tiny_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def page_and_app(tmp_path_factory, tiny_model_dir):
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is missing: `apt-get install -y chromium` (make test does this as root).")
+def page_and_app(browser, tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("app-export")
     proc, url = start_app(tmp, tiny_model_dir)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = b.new_page(viewport={"width": 1400, "height": 1000})
-        yield page, url, tmp, proc
-        b.close()
+    page = browser.new_page(viewport=VIEWPORT)
+    yield page, url, tmp, proc
     proc.terminate()
     proc.wait(20)
 
@@ -38,15 +31,10 @@ def chat_run_value(page) -> str:
 
 def test_chat_follows_run_then_export_gguf_and_chat_through_llama_cpp(page_and_app):
     page, url, tmp, app_proc = page_and_app
-    page.goto(url)
-    page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+    open_app(page, url)
     use_tiny_model(page, tmp / "models")
     page.get_by_role("tab", name="Train").click()
-    steps = page.get_by_label("Max steps")
-    steps.fill("40")
-    steps.press("Tab")
-    page.get_by_role("button", name="Start training").click()
-    page.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
+    start_training(page, 40)
 
     # Open the Chat tab while the run trains: no adapter yet, so the base model; when the run finishes, the tab
     # switches to it by itself (no Refresh pressed).

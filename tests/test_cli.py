@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "qlora_ui", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+from tests.fault_helpers import ROOT, cli
 
 
 def write_csv(path: Path, n: int = 24) -> Path:

@@ -7,8 +7,6 @@ import copy
 import itertools
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,9 +28,8 @@ from qlora_ui.data import (
     to_conversations,
     token_spans,
 )
+from tests.fault_helpers import DATA, ROOT, cli
 
-DATA = Path(__file__).resolve().parent / "data"
-ROOT = Path(__file__).resolve().parent.parent
 END = "<|im_end|>"  # SmolLM2's end-of-turn token (also its eos)
 
 FORMAT_FILES = [
@@ -286,8 +283,7 @@ def run_check_data(argv: list[str], capsys) -> tuple[int, str, str]:
     """Through `python -m qlora_ui` when the main CLI exists yet, else through the subcommand's parser."""
     if (ROOT / "qlora_ui" / "__main__.py").exists():
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        p = subprocess.run([sys.executable, "-m", "qlora_ui", "check-data", *argv], cwd=ROOT, env=env, check=False,
-                           capture_output=True, text=True, timeout=120)
+        p = cli("check-data", *argv, timeout=120, env=env)
         return p.returncode, p.stdout, p.stderr
     parser = argparse.ArgumentParser(prog="qlora_ui")
     add_check_data_parser(parser.add_subparsers(dest="command"))

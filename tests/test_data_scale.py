@@ -22,8 +22,8 @@ from qlora_ui.data import (
     to_conversations,
     token_spans,
 )
+from tests.fault_helpers import DATA, VIEWPORT, open_app, start_app
 
-DATA = Path(__file__).resolve().parent / "data"
 FORMAT_FILES = ["alpaca.json", "dolly.jsonl", "sharegpt.json", "messages.jsonl", "prompt_completion.csv",
                 "guanaco.txt", "plain.txt"]
 
@@ -242,14 +242,10 @@ def test_resume_refuses_a_changed_dataset(tmp_path, monkeypatch, copied):
 # ---- in the browser ----
 
 @pytest.mark.slow
-def test_browser_upload_button_and_a_big_server_file(tmp_path):
+def test_browser_upload_button_and_a_big_server_file(browser, tmp_path):
     """Upload your own file with the button; pick a 9 MB file from --data-root: a preview from its first rows comes
     within seconds, then the full counts."""
     import time
-
-    from playwright.sync_api import sync_playwright
-
-    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, start_app
 
     root = tmp_path / "datasets"
     root.mkdir()
@@ -260,26 +256,21 @@ def test_browser_upload_button_and_a_big_server_file(tmp_path):
     assert (root / "big.jsonl").stat().st_size > 8 * 2**20  # over the quick-preview threshold
     proc, url = start_app(tmp_path, None, "--data-root", str(root))
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
-            with page.expect_file_chooser() as chooser:
-                page.locator("#dataset-upload").click()
-            chooser.value.set_files(str(DATA / "alpaca.json"))
-            page.wait_for_selector("#data-summary:has-text('Format: alpaca')", timeout=60_000)
-            assert "6 kept" in page.locator("#data-summary").inner_text()
-            box = page.locator("#dataset-server input")
-            box.click()
-            t = time.perf_counter()
-            page.get_by_role("option", name="datasets/big.jsonl").click()
-            page.wait_for_selector("#data-summary:has-text('first rows only')", timeout=30_000)
-            first = time.perf_counter() - t
-            assert page.locator("#length-hist .main-svg").count() > 0
-            page.wait_for_selector("#data-summary:has-text('21000 read')", timeout=300_000)
-            assert first < 20, f"the first preview took {first:.1f} s"
-            browser.close()
+        page = open_app(browser.new_page(viewport=VIEWPORT), url)
+        with page.expect_file_chooser() as chooser:
+            page.locator("#dataset-upload").click()
+        chooser.value.set_files(str(DATA / "alpaca.json"))
+        page.wait_for_selector("#data-summary:has-text('Format: alpaca')", timeout=60_000)
+        assert "6 kept" in page.locator("#data-summary").inner_text()
+        box = page.locator("#dataset-server input")
+        box.click()
+        t = time.perf_counter()
+        page.get_by_role("option", name="datasets/big.jsonl").click()
+        page.wait_for_selector("#data-summary:has-text('first rows only')", timeout=30_000)
+        first = time.perf_counter() - t
+        assert page.locator("#length-hist .main-svg").count() > 0
+        page.wait_for_selector("#data-summary:has-text('21000 read')", timeout=300_000)
+        assert first < 20, f"the first preview took {first:.1f} s"
     finally:
         proc.terminate()
         proc.wait(20)

@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fault_helpers import cli, fast_cfg, write_rows
 
 from qlora_ui import export as ex
 from qlora_ui.runs import RunDir
+from tests.fault_helpers import cli, fast_cfg, write_rows
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +222,10 @@ def test_chat_follows_the_newest_run_with_an_adapter_unless_the_user_picked(tiny
 
 def test_export_panel_runs_in_the_background_and_reports(tiny_run, tmp_path):
     import gradio as gr
-    from fault_helpers import ByName
 
     from qlora_ui.studio import Studio
     from qlora_ui.ui.tabs import export as ep
+    from tests.fault_helpers import ByName
 
     runs = tmp_path / "runs"
     runs.mkdir()
@@ -248,11 +248,11 @@ def test_export_panel_runs_in_the_background_and_reports(tiny_run, tmp_path):
 
 def test_chat_handlers_pick_the_backend_from_the_adapter_list(tiny_run, tmp_path):
     import gradio as gr
-    from fault_helpers import ByName, chat_input
 
     from qlora_ui.studio import Studio
     from qlora_ui.ui.tabs import chat as h
     from qlora_ui.ui.tabs.chat import LLAMA_CPP, NO_GGUF, TRANSFORMERS
+    from tests.fault_helpers import ByName, chat_input
 
     runs = tmp_path / "runs"
     runs.mkdir()

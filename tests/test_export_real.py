@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from fault_helpers import ROOT
 
 from qlora_ui import export as ex
+from tests.fault_helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

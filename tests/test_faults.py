@@ -30,6 +30,7 @@ from tests.fault_helpers import (
     ROOT,
     ByName,
     cli,
+    cli_start,
     fast_cfg,
     form,
     form_input,
@@ -69,8 +70,7 @@ def test_kill_9_of_the_cli_mid_run_then_resume(tiny_model_dir, tmp_path):
             "--max-steps", MAX_STEPS, "--save-steps", SAVE_STEPS, "--batch-size", 2, "--lora-r", 4,
             "--eval-fraction", 0.1, "--eval-steps", SAVE_STEPS, "--optimizer", "adamw_torch",
             "--gradient-checkpointing", "false", "--warmup-ratio", 0, "--name", "killed", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_ui", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = cli_start(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         run = wait_for(lambda: checkpointed_and_past_it(runs), 120, "a checkpoint and a step after it", 0.05)
     finally:
@@ -97,7 +97,7 @@ def test_kill_9_of_the_cli_mid_run_then_resume(tiny_model_dir, tmp_path):
 def test_kill_9_of_the_app_mid_run_restart_and_resume_through_the_api(tiny_model_dir, tmp_path):
     from gradio_client import Client, handle_file
 
-    from tests.test_browser import start_app
+    from tests.fault_helpers import start_app
 
     upload = write_rows(tmp_path / "upload.jsonl")
     proc, url = start_app(tmp_path, tiny_model_dir)

@@ -10,14 +10,10 @@ import torch
 from qlora_ui.config import ConfigError, RunConfig
 from qlora_ui.jobs import create_job
 from qlora_ui.modeling import load_for_training
+from tests.fault_helpers import lora_cfg, nudge_adapter
 
 OPTIONS = {"loftq": dict(lora_init="loftq"), "gaussian": dict(lora_init="gaussian"), "dora": dict(use_dora=True),
            "rslora": dict(use_rslora=True)}
-
-
-def cfg_for(model_dir, **kw) -> RunConfig:
-    base = dict(base_model=str(model_dir), lora_r=8, lora_alpha=16, lora_dropout=0.0, compute_dtype="fp32")
-    return RunConfig().updated(**{**base, **kw})
 
 
 def batch(tokenizer):
@@ -28,12 +24,7 @@ def batch(tokenizer):
 def saved_adapter(cfg: RunConfig, ids, out):
     """Train-side model with a non-trivial adapter (B and DoRA magnitudes moved), saved to `out`; returns its
     logits for `ids` (eval mode, the trainable 4-bit layout)."""
-    m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n or "magnitude" in n:
-                p.add_(torch.randn_like(p) * 0.05)
+    m = nudge_adapter(load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model, seed=1, scale=0.05)
     m.eval()
     with torch.no_grad():
         before = m(input_ids=ids).logits
@@ -43,7 +34,7 @@ def saved_adapter(cfg: RunConfig, ids, out):
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_trains_two_steps_with_every_lora_gradient(option, tiny_model_dir, tokenizer):
-    cfg = cfg_for(tiny_model_dir, **OPTIONS[option])
+    cfg = lora_cfg(tiny_model_dir, **OPTIONS[option])
     m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
     m.train()
     params = {n: p for n, p in m.named_parameters() if p.requires_grad}
@@ -67,7 +58,7 @@ def test_gaussian_init_draws_lora_a_from_a_normal_distribution(tiny_model_dir):
     spread and by shape: kurtosis 3 for a normal, 1.8 for a uniform."""
 
     def lora_a(init):
-        cfg = cfg_for(tiny_model_dir, lora_init=init)
+        cfg = lora_cfg(tiny_model_dir, lora_init=init)
         m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
         assert all(float(p.abs().max()) == 0 for n, p in m.named_parameters() if "lora_B" in n)
         return torch.cat([p.detach().flatten() for n, p in m.named_parameters() if "lora_A" in n])
@@ -86,7 +77,7 @@ def test_gaussian_init_draws_lora_a_from_a_normal_distribution(tiny_model_dir):
 def test_loftq_brings_each_4bit_layer_closer_to_its_original_weight(tiny_model_dir):
     from qlora_ui.loftq import apply_loftq
 
-    cfg = cfg_for(tiny_model_dir)  # default init, then LoftQ by hand to read the report
+    cfg = lora_cfg(tiny_model_dir)  # default init, then LoftQ by hand to read the report
     m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
     report = apply_loftq(m, str(tiny_model_dir))
     assert report.layers == len(report.errors) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
@@ -117,7 +108,7 @@ def test_loftq_init_with_rslora_scaling_is_the_same_correction(tiny_model_dir):
 
     reports, models = {}, {}
     for rs in (False, True):
-        cfg = cfg_for(tiny_model_dir, use_rslora=rs)
+        cfg = lora_cfg(tiny_model_dir, use_rslora=rs)
         models[rs] = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
         reports[rs] = apply_loftq(models[rs], str(tiny_model_dir))
     for name, (_, after) in reports[False].errors.items():
@@ -137,7 +128,7 @@ def test_saved_adapter_reloads_with_the_same_logits(option, tiny_model_dir, toke
 
     from qlora_ui.modeling import keep_4bit_layout_trainable, load_base_model
 
-    cfg = cfg_for(tiny_model_dir, **OPTIONS[option])
+    cfg = lora_cfg(tiny_model_dir, **OPTIONS[option])
     ids = batch(tokenizer)["input_ids"]
     before = saved_adapter(cfg, ids, tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -154,9 +145,9 @@ def test_a_run_records_the_options_and_logs_loftq(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"Arr, {i}!"}) + "\n"
                             for i in range(12)))
-    cfg = cfg_for(tiny_model_dir, lora_init="loftq", use_rslora=True, data_path=str(data), max_steps=2,
-                  batch_size=2, eval_fraction=0.0, save_steps=100, runs_dir=str(tmp_path / "runs"), name="opt",
-                  optimizer="adamw_torch", gradient_checkpointing=False)
+    cfg = lora_cfg(tiny_model_dir, lora_init="loftq", use_rslora=True, data_path=str(data), max_steps=2,
+                   batch_size=2, eval_fraction=0.0, save_steps=100, runs_dir=str(tmp_path / "runs"), name="opt",
+                   optimizer="adamw_torch", gradient_checkpointing=False)
     job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     again = job.run.config()
@@ -166,9 +157,9 @@ def test_a_run_records_the_options_and_logs_loftq(tiny_model_dir, tmp_path):
 
 def test_loftq_needs_4bit_and_does_not_combine_with_dora(tiny_model_dir):
     with pytest.raises(ConfigError, match="load_in_4bit"):
-        cfg_for(tiny_model_dir, lora_init="loftq", load_in_4bit=False, compute_dtype="bf16").validate()
+        lora_cfg(tiny_model_dir, lora_init="loftq", load_in_4bit=False, compute_dtype="bf16").validate()
     with pytest.raises(ConfigError, match="use_dora"):
-        cfg_for(tiny_model_dir, lora_init="loftq", use_dora=True).validate()
+        lora_cfg(tiny_model_dir, lora_init="loftq", use_dora=True).validate()
 
 
 def test_loftq_without_safetensors_says_what_to_do(tmp_path, tiny_model_dir):
@@ -184,7 +175,7 @@ def test_chat_serves_a_dora_adapter_with_the_training_logits(tiny_model_dir, tok
     batch server's rule that keeps DoRA rows out of mixed batches: tests/test_serving.py, the DoRA test.)"""
     from qlora_ui.chat import ChatEngine, GenerationSettings
 
-    cfg = cfg_for(tiny_model_dir, use_dora=True)
+    cfg = lora_cfg(tiny_model_dir, use_dora=True)
     ids = batch(tokenizer)["input_ids"]
     before = saved_adapter(cfg, ids, tmp_path / "adapter")
     eng = ChatEngine()

@@ -10,12 +10,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
-from fault_helpers import FORM, ROOT, ByName, fast_cfg, form_input, run_dirs, wait_for, write_rows
 
 from qlora_ui.launch import failure_from_log, launch_command
 from qlora_ui.resume_rules import resumable_runs
@@ -23,6 +21,7 @@ from qlora_ui.runs import RunDir
 from qlora_ui.studio import Studio
 from qlora_ui.training import TrainingJob
 from qlora_ui.ui.tabs import train as train_tab
+from tests.fault_helpers import FORM, ROOT, ByName, cli, cli_start, fast_cfg, form_input, run_dirs, wait_for, write_rows
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +32,7 @@ COMMON = ["--eval-fraction", "0", "--lora-dropout", "0", "--group-by-length", "f
 
 
 def train(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qlora_ui", "train", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return cli("train", *args, timeout=timeout, env=env)
 
 
 # Loaded by every Python process of a run (the CLI, accelerate's launcher, each rank) through PYTHONPATH: logs
@@ -66,8 +64,8 @@ def spied_env(tmp: Path) -> tuple[dict, Path]:
 
 def start(*args) -> subprocess.Popen:
     # Its own session so that a signal reaches only this CLI (the launcher has its own session too).
-    return subprocess.Popen([sys.executable, "-m", "qlora_ui", "train", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return cli_start("train", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                     start_new_session=True)
 
 
 def start_long_run(model: Path, data: Path, runs: Path, save_steps: int) -> subprocess.Popen:

@@ -151,11 +151,10 @@ def test_crash_mid_reply_leaves_the_app_the_other_session_and_the_training_runni
     """The issue's scenario through the Chat tab's handler: a training runs, a second session chats through
     transformers, and the llama.cpp child is killed with SIGILL mid-reply. That reply is finished by transformers
     with the message; the training and the other chat go on; the next llama.cpp request is answered."""
-    from fault_helpers import ByName, chat_input, fast_cfg, wait_for, write_rows
-
     from qlora_ui.jobs import create_job
     from qlora_ui.studio import Studio
     from qlora_ui.ui.tabs import chat
+    from tests.fault_helpers import ByName, chat_input, fast_cfg, wait_for, write_rows
 
     c = ByName()  # the Chat tab's components, by name
 

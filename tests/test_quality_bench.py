@@ -6,11 +6,10 @@ import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.fault_helpers import ROOT, make_cfg
 
 
 def load_bench():
@@ -31,11 +30,8 @@ def bench():
 
 @pytest.fixture(scope="module")
 def tiny_cfg(tiny_model_dir, tmp_path_factory):
-    from qlora_ui.config import load_preset
-
-    return load_preset("cpu-quickstart").updated(
-        base_model=str(tiny_model_dir), max_rows=60, eval_fraction=0.1, max_steps=2, eval_steps=1, save_steps=2,
-        batch_size=4, runs_dir=str(tmp_path_factory.mktemp("runs")))
+    return make_cfg(tiny_model_dir, preset="cpu-quickstart", max_rows=60, eval_fraction=0.1, max_steps=2, eval_steps=1,
+                    save_steps=2, batch_size=4, runs_dir=str(tmp_path_factory.mktemp("runs")))
 
 
 def test_every_variant_gives_a_table_against_16bit_lora(bench, tiny_cfg):

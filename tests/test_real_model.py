@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.fault_helpers import cli
 
 
 @pytest.mark.slow
@@ -52,9 +49,8 @@ def test_bundled_model_learns_in_10_steps_and_adapter_reloads(tmp_path, bundled_
 
 @pytest.mark.slow
 def test_cli_chat_prints_a_reply_from_the_base(bundled_dir):
-    out = subprocess.run([sys.executable, "-m", "qlora_ui", "chat", "--prompt", "What is the capital of France?",
-                          "--base-only", "--max-new-tokens", "12"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    out = cli("chat", "--prompt", "What is the capital of France?", "--base-only", "--max-new-tokens", "12",
+              timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 

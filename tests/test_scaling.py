@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +19,8 @@ from qlora_ui.accelerate_configs import (
 )
 from qlora_ui.config import ConfigError, QuantConfig, RunConfig
 from qlora_ui.memory import PlanSettings, estimate, make_plan, resolve_shape
+from tests.fault_helpers import ROOT, cli
 
-ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {"cpu-ddp": "MULTI_GPU", "ddp": "MULTI_GPU", "fsdp-qlora": "FSDP", "fsdp-qlora-offload": "FSDP",
             "deepspeed-zero3": "DEEPSPEED"}
 
@@ -133,18 +131,16 @@ def test_settings_read_processes_and_recipe_from_the_config():
 
 
 def test_plan_cli_prints_per_device_json():
-    out = subprocess.run([sys.executable, "-m", "qlora_ui", "plan", "--model", "llama-2-70b", "--batch", "1",
-                          "--seq", "512", "--rank", "8", "--device-gb", "24", "--processes", "2", "--strategy",
-                          "fsdp", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = cli("plan", "--model", "llama-2-70b", "--batch", "1", "--seq", "512", "--rank", "8", "--device-gb", "24",
+              "--processes", "2", "--strategy", "fsdp", "--json", timeout=120,
+              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["processes"] == 2 and d["strategy"] == "fsdp"
     assert d["per_device_gb"] == d["needed_gb"] < 24
     assert d["gathered_gb"] > 0 and set(d["per_device_breakdown"]) >= {"weights", "optimizer", "activations"}
     assert d["all_processes_gb"] == pytest.approx(2 * d["per_device_gb"], rel=1e-3)
-    bad = subprocess.run([sys.executable, "-m", "qlora_ui", "plan", "--model", "llama-7b", "--processes", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = cli("plan", "--model", "llama-7b", "--processes", "0", timeout=120)
     assert bad.returncode == 2 and "--processes 0" in bad.stderr
 
 

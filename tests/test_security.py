@@ -68,7 +68,7 @@ class Evil:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, tiny_model_dir, bundled_dir):
-    from tests.test_browser import start_app
+    from tests.fault_helpers import start_app
 
     tmp = tmp_path_factory.mktemp("secured")
     models = bad_model_folders(tmp / "models", tiny_model_dir)
@@ -691,7 +691,7 @@ def test_loading_never_unpickles_a_bin_only_folder_without_allow_pickle(tmp_path
 @pytest.fixture(scope="module")
 def open_app(tmp_path_factory, tiny_model_dir):
     """The default launch: loopback, no login (what `python app.py` gives)."""
-    from tests.test_browser import start_app
+    from tests.fault_helpers import start_app
 
     tmp = tmp_path_factory.mktemp("open")
     # Small chat limits, so the chat's busy answer can be reached with three requests.

@@ -6,11 +6,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from qlora_ui.chat import ChatEngine, GenerationSettings, Waiting
-from qlora_ui.config import RunConfig
 from qlora_ui.serving import ChatBusy
+from tests.fault_helpers import lora_cfg, make_tiny_model, nudge_adapter
 
 PROMPTS = ["Tell me about the sea.", "What is your name, sailor? Say it twice."]
 
@@ -19,17 +18,7 @@ PROMPTS = ["Tell me about the sea.", "What is your name, sailor? Say it twice."]
 def cfg(tokenizer, tmp_path_factory):
     """A tiny Llama with large random weights: the tests' usual tiny model (init std 0.02) answers every prompt
     with the same tokens (the last template token decides), which would make "same reply" comparisons vacuous."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("loud-llama")
-    torch.manual_seed(0)
-    c = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                    tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(c).to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return RunConfig().updated(base_model=str(out), compute_dtype="fp32", lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    return lora_cfg(make_tiny_model(tmp_path_factory.mktemp("loud-llama"), tokenizer, initializer_range=0.3))
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +26,7 @@ def adapter_dir(cfg, tmp_path_factory):
     """A saved adapter that changes the model's output (B is not zero)."""
     from qlora_ui.modeling import load_for_training
 
-    m = load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    m = nudge_adapter(load_for_training(cfg.model, cfg.quantization, cfg.lora, False).model, seed=3, scale=0.5)
     out = tmp_path_factory.mktemp("adapter")
     m.save_pretrained(out)
     return out
@@ -100,12 +84,7 @@ def dora_dir(cfg, tmp_path_factory):
     from qlora_ui.modeling import load_for_training
 
     dora = cfg.updated(use_dora=True)
-    m = load_for_training(dora.model, dora.quantization, dora.lora, False).model
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n or "magnitude" in n:
-                p.add_(torch.randn_like(p) * 0.5)
+    m = nudge_adapter(load_for_training(dora.model, dora.quantization, dora.lora, False).model, seed=4, scale=0.5)
     out = tmp_path_factory.mktemp("dora")
     m.save_pretrained(out)
     return out

@@ -4,12 +4,20 @@ cannot start a second job nor delete the run in use; both chat at once and each 
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
-from tests.fault_helpers import ROOT, run_dirs, wait_for
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, start_app, use_tiny_model
+from tests.fault_helpers import (
+    ROOT,
+    VIEWPORT,
+    open_app,
+    plot_points,
+    run_dirs,
+    start_app,
+    start_training,
+    use_tiny_model,
+    wait_for,
+)
 
 IMMUTABLE_FACTORIES = {"getLogger", "compile", "frozenset", "tuple", "Path", "TypeVar", "namedtuple", "NamedTuple",
                        "str", "int", "float", "bool", "MappingProxyType"}
@@ -37,19 +45,12 @@ def test_no_mutable_module_globals_in_the_app():
 
 
 @pytest.fixture(scope="module")
-def two_users(tmp_path_factory, tiny_model_dir):
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Chromium is missing: `apt-get install -y chromium` (make test does this as root).")
+def two_users(browser, tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("sessions")
     proc, url = start_app(tmp, tiny_model_dir)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        a = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-        b = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-        yield url, tmp, a, b
-        browser.close()
+    a = browser.new_context(viewport=VIEWPORT).new_page()
+    b = browser.new_context(viewport=VIEWPORT).new_page()
+    yield url, tmp, a, b
     proc.terminate()
     proc.wait(30)
 
@@ -74,25 +75,18 @@ def chat(page, run_name: str, text: str) -> None:
 def test_two_sessions_share_one_job_and_keep_their_own_chats(two_users):
     url, tmp, a, b = two_users
     for page in (a, b):
-        page.goto(url)
-        page.wait_for_selector("#data-summary:has-text('Format: messages')", timeout=90_000)
+        open_app(page, url)
 
     # A starts a long run on the tiny model.
     use_tiny_model(a, tmp / "models")
     a.get_by_role("tab", name="Train").click()
-    steps = a.get_by_label("Max steps")
-    steps.fill("1000")
-    steps.press("Tab")
-    a.get_by_role("button", name="Start training").click()
-    a.wait_for_selector("#train-progress [data-state=running]", timeout=60_000)
+    start_training(a, 1000)
     run = wait_for(lambda: run_dirs(tmp / "runs"), 30, "the run folder")[0]
 
     # B, another browser, sees the same job running without doing anything.
     b.get_by_role("tab", name="Train").click()
     b.wait_for_selector(f"#train-progress [data-state=running]:has-text('{run.name}')", timeout=30_000)
     # ...and A's loss curve, drawn from the run folder.
-    from tests.test_browser import plot_points
-
     wait_for(lambda: plot_points(b) >= 2, 60, "B to see A's loss curve")
     # B cannot start a second job...
     b.get_by_role("button", name="Start training").click()

@@ -13,25 +13,21 @@ import torch
 from qlora_ui.config import RunConfig
 from qlora_ui.jobs import create_job, resume_job
 from qlora_ui.runs import RunDir
+from tests.fault_helpers import make_cfg, write_rows
 
-ROWS = [{"instruction": f"Say the word number {i}.", "output": f"Arr! Number {i} it be, matey."} for i in range(40)]
+# Eight steps that learn (constant high LR, no dropout), with eval and checkpoints every four.
+TRAIN = dict(name="t", max_steps=8, batch_size=4, learning_rate=5e-3, lr_scheduler="constant", warmup_ratio=0.0,
+             lora_r=8, lora_alpha=16, lora_dropout=0.0, max_length=128, eval_fraction=0.1, eval_steps=4,
+             save_steps=4, logging_steps=1, gradient_checkpointing=False, optimizer="adamw_torch", max_grad_norm=1.0)
 
 
 @pytest.fixture()
 def data_file(tmp_path) -> Path:
-    p = tmp_path / "train.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return p
+    return write_rows(tmp_path / "train.jsonl")
 
 
 def tiny_cfg(model_dir, data_file, tmp_path, **kw) -> RunConfig:
-    base = dict(base_model=str(model_dir), data_path=str(data_file), runs_dir=str(tmp_path / "runs"), name="t",
-                max_steps=8, batch_size=4, learning_rate=5e-3, lr_scheduler="constant", warmup_ratio=0.0,
-                lora_r=8, lora_alpha=16, lora_dropout=0.0, max_length=128, eval_fraction=0.1, eval_steps=4,
-                save_steps=4, logging_steps=1, gradient_checkpointing=False, optimizer="adamw_torch",
-                max_grad_norm=1.0)
-    base.update(kw)
-    return RunConfig().updated(**base)
+    return make_cfg(model_dir, data_file, defaults={"runs_dir": str(tmp_path / "runs"), **TRAIN}, **kw)
 
 
 def steps_of(rows):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import gradio as gr
 import pytest
-from fault_helpers import FORM, ByName, form_input
 
-from qlora_ui.config import RunConfig, load_preset
+from qlora_ui.config import RunConfig
 from qlora_ui.studio import Studio
 from qlora_ui.ui.tabs import model_data, runs, train
+from tests.fault_helpers import DATA, FORM, ByName, form_input, make_cfg
 
-DATA = Path(__file__).parent / "data"
 C = ByName()  # the tabs' components, by name
 
 
@@ -27,11 +25,13 @@ def studio(tmp_path, tiny_model_dir):
     return Studio(tmp_path / "runs", model_roots=[tiny_model_dir])
 
 
+# The quick start on a bundled test file, long enough to still be running when a handler looks.
+LONG = dict(max_steps=200, batch_size=2, eval_fraction=0.0, gradient_checkpointing=False, optimizer="adamw_torch",
+            save_steps=50)
+
+
 def tiny(tiny_model_dir, **kw) -> RunConfig:
-    base = dict(base_model=str(tiny_model_dir), data_path=str(DATA / "alpaca.json"), max_steps=200, batch_size=2,
-                eval_fraction=0.0, gradient_checkpointing=False, optimizer="adamw_torch", save_steps=50)
-    base.update(kw)
-    return load_preset("cpu-quickstart").updated(**base)
+    return make_cfg(tiny_model_dir, DATA / "alpaca.json", preset="cpu-quickstart", defaults=LONG, **kw)
 
 
 def test_form_values_round_trip_to_the_same_config(tiny_model_dir):

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault_helpers import run_dirs, wait_for
-from tests.test_browser import browser, shots_dir, start_app, use_tiny_model  # noqa: F401 - fixture
+from tests.fault_helpers import run_dirs, shots_dir, start_app, use_tiny_model, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +33,7 @@ def app(tmp_path_factory, tiny_model_dir):
     state["proc"].wait(20)
 
 
-def open_page(browser, url: str, viewport=DESKTOP):  # noqa: F811 - the fixture is passed in
+def open_page(browser, url: str, viewport=DESKTOP):
     page = browser.new_page(viewport=viewport)
     page.goto(url)
     page.get_by_role("tab", name="Model & Data").click()  # a running job opens the Train tab
@@ -66,7 +65,7 @@ def state_of(page) -> str:
     return page.locator("#train-progress .qs-progress").get_attribute("data-state") or ""
 
 
-def test_column_map_with_spaces_trains_and_a_finished_run_is_not_resumed(browser, app):  # noqa: F811
+def test_column_map_with_spaces_trains_and_a_finished_run_is_not_resumed(browser, app):
     tmp = app["tmp"]
     qa = tmp / "qa.csv"
     qa.write_text("question,answer\n" + "".join(f"What is {i} plus one?,It is {i + 1}.\n" for i in range(24)))
@@ -109,7 +108,7 @@ def test_column_map_with_spaces_trains_and_a_finished_run_is_not_resumed(browser
     page.close()
 
 
-def test_a_rejected_file_cannot_start_a_run(browser, app):  # noqa: F811
+def test_a_rejected_file_cannot_start_a_run(browser, app):
     tmp = app["tmp"]
     png = tmp / "picture.csv"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 20)
@@ -130,7 +129,7 @@ def test_a_rejected_file_cannot_start_a_run(browser, app):  # noqa: F811
     page.close()
 
 
-def test_reload_keeps_the_run_and_restart_offers_the_interrupted_run(browser, app, tiny_model_dir):  # noqa: F811
+def test_reload_keeps_the_run_and_restart_offers_the_interrupted_run(browser, app, tiny_model_dir):
     tmp = app["tmp"]
     data = tmp / "long.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Count to {i}.", "output": f"{i} it is."}) + "\n"
@@ -188,7 +187,7 @@ def test_reload_keeps_the_run_and_restart_offers_the_interrupted_run(browser, ap
     page.close()
 
 
-def test_phone_layout_fits_the_screen(browser, app):  # noqa: F811
+def test_phone_layout_fits_the_screen(browser, app):
     """390x844: nothing wider than the screen in the main column; Start within the first two screens."""
     shots = shots_dir(app["tmp"])
     page = open_page(browser, app["url"], PHONE)

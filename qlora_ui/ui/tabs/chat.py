@@ -58,6 +58,14 @@ def build() -> dict[str, Any]:
     with gr.Row(visible=True, elem_id="cmp-row"):
         c["cmp_base"] = gr.Textbox(label="Base model", lines=6, interactive=False, elem_id="cmp-base")
         c["cmp_adapter"] = gr.Textbox(label="With adapter", lines=6, interactive=False, elem_id="cmp-adapter")
+    # The same model from other apps: made after every input of the chat API, so its signature does not change.
+    with gr.Accordion("Use it from other apps (OpenAI-compatible API)", open=False, elem_id="chat-api"):
+        c["api_info"] = gr.Markdown(elem_id="chat-api-info")
+        # A text box: gr.Code keeps a tall empty editor under a one-line command.
+        c["api_curl"] = gr.Textbox(label="curl", lines=2, max_lines=4, interactive=False, buttons=["copy"],
+                                   elem_id="chat-api-curl")
+        c["api_python"] = gr.Code(label="Python (openai)", language="python", interactive=False, buttons=["copy"],
+                                  elem_id="chat-api-python")
     c["history"] = gr.State([])  # per session: the conversation as role/content messages
     c["picked"] = gr.State(False)  # per session: the user chose a run, so the newest run is no longer followed
     # A run finishing while the page is open becomes the chat's run (opening the tab also does).
@@ -289,11 +297,49 @@ def compare_with_base(studio: Studio, c: dict, values: dict, session: str | None
             s.close()
 
 
+# ---- the same model from other apps (the OpenAI-compatible API, qlora_ui/api.py) ----
+
+API_NOTES = {"open": "No key needed from this machine.",
+             "key": "Set `QLORA_API_KEY` to one of the keys the app was started with (`--api-key`).",
+             "off": "The API is off on this shared app: whoever runs it turns it on with `--api-key`."}
+
+
+def api_example(studio: Studio, c: dict, run_name: str | None, host: str | None = None,
+                scheme: str = "http") -> dict:
+    """The base URL, the selected run's model id, and a curl line and an `openai` snippet for it, copyable."""
+    from ...api import base_url, client_examples
+
+    model = run_name if run_name and run_name != BASE_ONLY else BUNDLED_MODEL
+    access = getattr(studio, "api_access", "open")  # set where app.py mounts /v1
+    url = base_url(host, scheme)
+    ex = client_examples(url, model, access)
+    info = (f"Base URL `{url}` · model `{model}`"
+            + (" (its latest saved adapter)" if model != BUNDLED_MODEL else "") + f" · {API_NOTES[access]}")
+    return {c["api_info"]: info, c["api_curl"]: ex["curl"], c["api_python"]: ex["python"]}
+
+
+def _reached_at(request: gr.Request | None) -> tuple[str | None, str]:
+    """(host, scheme) the browser reached the app by: the share link's host behind the tunnel, over https."""
+    headers = getattr(request, "headers", None) or {}
+    host = headers.get("x-forwarded-host") or headers.get("host")
+    scheme = headers.get("x-forwarded-proto") or ("https" if (host or "").endswith(".gradio.live") else "http")
+    return host, scheme.split(",")[0].strip()
+
+
+def _api_example_event(studio: Studio, c: dict) -> dict:
+    def example(run_name, request: gr.Request):
+        return api_example(studio, c, run_name, *_reached_at(request))
+
+    return dict(fn=example, inputs=c["run"], outputs=[c["api_info"], c["api_curl"], c["api_python"]],
+                show_progress="hidden", api_name=False)
+
+
 def wire(studio: Studio, c: dict, chat_tab: gr.Tab) -> None:
     c["refresh"].click(lambda: chat_runs(studio), None, c["run"], api_name=False)
     options = dict(fn=lambda run, backend: adapter_options(studio, run, backend), inputs=[c["run"], c["backend"]],
                    outputs=c["checkpoint"], api_name=False)
     c["run"].change(**options)
+    c["run"].change(**_api_example_event(studio, c))
     c["backend"].change(**options)
     c["backend"].input(lambda backend: check_backend(studio, backend), c["backend"], c["backend"], api_name=False)
     # Chat follows the newest run with an adapter until the user picks a run themselves.
@@ -333,3 +379,4 @@ def wire(studio: Studio, c: dict, chat_tab: gr.Tab) -> None:
 
 def page_load(studio: Studio, c: dict, demo: gr.Blocks) -> None:
     demo.load(lambda: chat_runs(studio), None, c["run"], api_name=False)
+    demo.load(**_api_example_event(studio, c))
