@@ -113,7 +113,7 @@ class LoginThrottle:
 
 
 class KeyThrottle(LoginThrottle):
-    """The /v1 API's keys (api.py): the login's constant-time check and lockout, keyed by client address, as an
+    """The /v1 API's keys (qlora_ui/api/): the login's constant-time check and lockout, keyed by client address, as an
     API key comes with no user name. Behind the share tunnel every client has the tunnel's address, so there five
     wrong keys lock out every key for 30 s (doubling), as five wrong passwords lock out a user name."""
 

@@ -297,7 +297,7 @@ def compare_with_base(studio: Studio, c: dict, values: dict, session: str | None
             s.close()
 
 
-# ---- the same model from other apps (the OpenAI-compatible API, qlora_ui/api.py) ----
+# ---- the same model from other apps (the OpenAI-compatible API, qlora_ui/api/) ----
 
 API_NOTES = {"open": "No key needed from this machine.",
              "key": "Set `QLORA_API_KEY` to one of the keys the app was started with (`--api-key`).",
