@@ -63,21 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_auth(args) -> list[tuple[str, str]] | None:
-    from qlora_ui.webguard import MAX_USER_NAME  # the sign-in throttle refuses longer names unread
+    from qlora_ui.webguard import MAX_USER_NAME, read_secret_file  # the throttle refuses longer names unread
 
     pairs = []
     if args.auth:
         pairs.append(args.auth)
     if args.auth_file:
-        mode = Path(args.auth_file).stat().st_mode
-        if mode & 0o002:
-            raise ValueError(f"--auth-file {args.auth_file} is writable by every user of this machine, who could "
-                             f"add a login of their own. Fix it with: chmod 600 {args.auth_file}")
-        if mode & 0o004:
-            raise ValueError(f"--auth-file {args.auth_file} is readable by every user of this machine, and it holds "
-                             f"the passwords in plain text. Fix it with: chmod 600 {args.auth_file}")
-        pairs += [line.strip() for line in Path(args.auth_file).read_text(encoding="utf-8").splitlines()
-                  if line.strip() and not line.startswith("#")]
+        pairs += read_secret_file(args.auth_file, "--auth-file", "the passwords", "a login of their own")
     out = []
     for pair in pairs:
         user, sep, pw = pair.partition(":")

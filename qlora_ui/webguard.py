@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,20 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "0.0.0.0"}
 
 
 MAX_USER_NAME = 256  # characters; app.py refuses longer names in the auth file
+
+
+def read_secret_file(path: str, flag: str, holds: str, could_add: str) -> list[str]:
+    """The lines of a file of secrets (--auth-file, --api-key-file), '#' comments skipped; refused, with the fix,
+    when other users of this machine could read it (the secrets are plain text) or change it (add their own)."""
+    mode = Path(path).stat().st_mode
+    if mode & 0o002:
+        raise ValueError(f"{flag} {path} is writable by every user of this machine, who could add {could_add}. "
+                         f"Fix it with: chmod 600 {path}")
+    if mode & 0o004:
+        raise ValueError(f"{flag} {path} is readable by every user of this machine, and it holds {holds} in plain "
+                         f"text. Fix it with: chmod 600 {path}")
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 class _Failures:

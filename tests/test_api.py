@@ -37,7 +37,7 @@ def train_run(tmp: Path, model: Path) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir):
-    from tests.test_browser import start_app
+    from tests.fault_helpers import start_app
 
     tmp = tmp_path_factory.mktemp("api")
     proc, url = start_app(tmp, tiny_model_dir, "--chat-max-batch", "4")
@@ -51,7 +51,7 @@ def served(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def keyed(served):
     """The same runs, on an app reachable beyond loopback: a login for the page, a key for /v1."""
-    from tests.test_browser import start_app
+    from tests.fault_helpers import start_app
 
     tmp = served["tmp"]
     users, keys = tmp / "users.txt", tmp / "keys.txt"
@@ -360,7 +360,7 @@ def test_a_client_that_goes_away_frees_its_row(keyed):
 
 @pytest.mark.slow
 def test_behind_share_without_a_key_the_api_stays_off(tmp_path):
-    from tests.test_browser import start_app
+    from tests.fault_helpers import start_app
 
     proc, url = start_app(tmp_path, None, "--share", "--auth", f"{AUTH[0]}:{AUTH[1]}")
     try:

@@ -7,8 +7,6 @@ an API key does not open the page. A wrong key is throttled like a wrong login (
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
@@ -20,15 +18,9 @@ def read_api_keys(key: str | None, key_file: str | None) -> list[str]:
     --auth-file's: keys are passwords. Raises ValueError with the fix."""
     keys = [key] if key is not None else []
     if key_file:
-        mode = Path(key_file).stat().st_mode
-        if mode & 0o002:
-            raise ValueError(f"--api-key-file {key_file} is writable by every user of this machine, who could add a "
-                             f"key of their own. Fix it with: chmod 600 {key_file}")
-        if mode & 0o004:
-            raise ValueError(f"--api-key-file {key_file} is readable by every user of this machine, and it holds "
-                             f"the keys in plain text. Fix it with: chmod 600 {key_file}")
-        keys += [line.strip() for line in Path(key_file).read_text(encoding="utf-8").splitlines()
-                 if line.strip() and not line.lstrip().startswith("#")]
+        from ..webguard import read_secret_file
+
+        keys += read_secret_file(key_file, "--api-key-file", "the keys", "a key of their own")
     for k in keys:
         if not k.strip() or any(c.isspace() for c in k.strip()) or len(k) > 512:
             raise ValueError("API keys are 1 to 512 characters without spaces (one per line in --api-key-file).")
