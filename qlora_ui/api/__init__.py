@@ -20,5 +20,5 @@ from .models import Models, Target, latest_adapter
 from .requests import MAX_BODY_BYTES, ApiError, Cutter, busy
 from .routes import Api, build_api, mount, serve
 
-__all__ = ["MAX_BODY_BYTES", "Api", "ApiError", "Cutter", "KeyCheck", "Models", "Target", "access", "base_url",
-           "build_api", "busy", "client_examples", "latest_adapter", "mount", "read_api_keys", "serve"]
+__all__ = ("MAX_BODY_BYTES", "Api", "ApiError", "Cutter", "KeyCheck", "Models", "Target", "access", "base_url",
+           "build_api", "busy", "client_examples", "latest_adapter", "mount", "read_api_keys", "serve")
