@@ -109,14 +109,12 @@ def exposure_warnings(args) -> list[str]:
     return out
 
 
-def served_host_names(args, share_url: str | None) -> list[str]:
-    """The host names requests may name besides loopback and numeric addresses (see webguard.host_allowed)."""
+def served_host_names(args) -> list[str]:
+    """The host names requests may name besides loopback and numeric addresses (see webguard.host_allowed);
+    the share link's host joins them once the tunnel is up."""
     import socket
-    from urllib.parse import urlsplit
 
     names = [args.host, *args.allowed_host]
-    if share_url:
-        names.append(urlsplit(share_url).hostname or "")
     if not is_loopback(args.host):
         # Reached from the LAN by this machine's own name.
         names += [socket.gethostname(), socket.getfqdn()]
@@ -177,21 +175,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     demo = build_app(studio, preset=args.preset)
     demo.queue(default_concurrency_limit=4)
-    from qlora_ui.webguard import LoginThrottle, install_same_origin_guard
+    import contextlib
+    from urllib.parse import urlsplit
+
+    from qlora_ui.api import mount
+    from qlora_ui.webguard import LoginThrottle, ServedHosts, install_same_origin_guard
+
+    hosts = ServedHosts(served_host_names(args))
+
+    @contextlib.asynccontextmanager
+    async def before_serving(app):
+        # The server runs this before it accepts a connection. Done after launch() instead, /v1 and the host
+        # check were missing for as long as Gradio tried the share tunnel (a minute on a machine that cannot
+        # reach it), while the page already answered.
+        # The OpenAI-compatible API on the same server (port, share link); its keys, not the login, open it.
+        mount(app, studio, api_keys, exposed=shared)
+        install_same_origin_guard(app, hosts)
+        yield
 
     launch = dict(server_name=args.host, server_port=args.port, auth=LoginThrottle(auth) if auth else None,
                   max_file_size=args.max_file_size,
                   css=CSS, show_error=True, auth_message="QLoRA Studio: sign in." if auth else None,
                   allowed_paths=[str(Path("presets/data").resolve())], prevent_thread_lock=True,
+                  app_kwargs={"lifespan": before_serving},
                   # Each streaming chat holds a worker thread while it waits for its batch: room for all of them.
                   max_threads=max(40, 2 * (args.chat_max_waiting + args.chat_max_batch)))
     # Gradio catches a failed tunnel itself and keeps serving locally; we only make the outcome plain.
     demo.launch(share=args.share, **launch)
-    from qlora_ui.api import mount
-
-    # The OpenAI-compatible API on the same server (port, share link); its keys, not the login, open it.
-    mount(demo.app, studio, api_keys, exposed=shared)
-    install_same_origin_guard(demo.app, served_host_names(args, demo.share_url))
+    if demo.share_url:
+        hosts.extend([urlsplit(demo.share_url).hostname])
     print(f"QLoRA Studio on {demo.local_url}", flush=True)
     if shared and not api_keys:
         print("The OpenAI-compatible API (/v1) is off: this app is reachable beyond this machine; add --api-key "

@@ -221,6 +221,20 @@ def _refuse(status: int, text: str):
             {"type": "http.response.body", "body": body}]
 
 
+class ServedHosts(set):
+    """The host names this app is served under, lower-case without a trailing dot. It can grow after the server
+    starts: the share link's host is known only once Gradio's tunnel is up, and the guard is in place before."""
+
+    def __init__(self, names=()):
+        super().__init__()
+        self.extend(names)
+
+    def extend(self, names) -> None:
+        for name in names:
+            if name:
+                self.add(name.lower().rstrip("."))
+
+
 class SameOriginGuard:
     """ASGI middleware, outermost. Refuses, before any route:
     - a Host this app is not served under (421): a DNS-rebinding page reaches the app under its own name;
@@ -229,9 +243,10 @@ class SameOriginGuard:
     Also turns Gradio's `SameSite=None` login cookie into `SameSite=Lax`, so other sites' pages do not send it
     at all."""
 
-    def __init__(self, app, allowed_hosts: list[str] | tuple[str, ...] = ()):
+    def __init__(self, app, allowed_hosts: "ServedHosts | list[str] | tuple[str, ...]" = ()):
         self.app = app
-        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in allowed_hosts if h)
+        # Kept by reference when it is a ServedHosts: the share link's host joins it once the tunnel is up.
+        self.allowed_hosts = allowed_hosts if isinstance(allowed_hosts, ServedHosts) else ServedHosts(allowed_hosts)
 
     async def _refuse(self, scope, send, status: int, text: str) -> None:
         if scope["type"] == "websocket":
@@ -306,8 +321,9 @@ class SameOriginGuard:
         await self.app(scope, receive, collect)
 
 
-def install_same_origin_guard(app, allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:
+def install_same_origin_guard(app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = ()) -> None:
     """Put SameOriginGuard outside every middleware Gradio added. Gradio builds its app inside launch(), so this
-    runs after launch: Starlette rebuilds its middleware stack on the next request."""
+    runs from the app's lifespan start (app.py): after Gradio's middleware, before the first connection.
+    Starlette rebuilds its middleware stack on the next request."""
     app.middleware_stack = None
-    app.add_middleware(SameOriginGuard, allowed_hosts=tuple(allowed_hosts))
+    app.add_middleware(SameOriginGuard, allowed_hosts=allowed_hosts)

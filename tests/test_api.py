@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -362,16 +363,28 @@ def test_a_client_that_goes_away_frees_its_row(keyed):
 def test_behind_share_without_a_key_the_api_stays_off(tmp_path):
     from tests.fault_helpers import start_app
 
-    proc, url = start_app(tmp_path, None, "--share", "--auth", f"{AUTH[0]}:{AUTH[1]}")
+    # The tunnel request goes to a proxy that never answers, as on a machine whose network drops it: Gradio waits
+    # up to 30 s while the page already answers. /v1 and the host check must be in place from the first request.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    proxy = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    proc, url = start_app(tmp_path, None, "--share", "--auth", f"{AUTH[0]}:{AUTH[1]}",
+                          env_extra={"HTTPS_PROXY": proxy, "https_proxy": proxy})
     try:
         off = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert off.status_code == 401 and off.json()["error"]["code"] == "api_off"
+        rebound = httpx.get(f"{url}/", headers={"Host": "rebind.attacker.example"})
+        assert rebound.status_code == 421
+        silent.close()  # the tunnel request fails now, and launch() goes on to its start messages
         log = wait_for(lambda: "(/v1) is off" in (t := next(tmp_path.glob("app-*.log")).read_text()) and t, 60,
                        "the start message about the API")
         assert "--api-key" in log
+        assert "Could not create the public share link" in log
     finally:
         proc.terminate()
         proc.wait(30)
+        silent.close()
 
 
 # ---- without a running app ----
