@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..studio import Studio
 from .form import Form
-from .tabs import chat, export, model_data, runs, train
+from .tabs import arena, benchmarks, chat, export, model_data, runs, train
 
 CSS = """
 .qs-trained { background: #bbf7d0; color: #14532d; border-radius: 3px; }
@@ -49,6 +49,8 @@ class Page:
     chat: dict[str, Any]
     runs: dict[str, Any]
     export: dict[str, Any]
+    benchmarks: dict[str, Any]
+    arena: dict[str, Any]
 
 
 def build_page(studio: Studio, preset: str | None = "cpu-quickstart") -> Page:
@@ -70,18 +72,25 @@ def build_page(studio: Studio, preset: str | None = "cpu-quickstart") -> Page:
             with gr.Tab("Runs", id="runs"):
                 rn = runs.build()
                 ex = export.build()
+            with gr.Tab("Evaluate", id="evaluate"):
+                bm = benchmarks.build()
+                ar = arena.build()
         model_data.wire(studio, form, md)
         train.wire(studio, form, tr)
         chat.wire(studio, ch, chat_tab)
         runs.wire(studio, rn, tr)
         export.wire(studio, ex, rn["run"])
+        benchmarks.wire(studio, bm)
+        arena.wire(studio, ar)
 
         # On page load (and reload): fill the lists and the memory plan, reattach to a running job.
         runs.page_load(studio, rn, tr, demo)
         train.page_load(studio, form, tr, demo, tabs)
         chat.page_load(studio, ch, demo)
         model_data.page_load(studio, form, md, demo)
-    return Page(demo, form, md, tr, ch, rn, ex)
+        benchmarks.page_load(studio, bm, demo)
+        arena.page_load(studio, ar, demo)
+    return Page(demo, form, md, tr, ch, rn, ex, bm, ar)
 
 
 def build_app(studio: Studio, preset: str | None = "cpu-quickstart") -> gr.Blocks:
