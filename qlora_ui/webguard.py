@@ -243,7 +243,7 @@ class SameOriginGuard:
     Also turns Gradio's `SameSite=None` login cookie into `SameSite=Lax`, so other sites' pages do not send it
     at all."""
 
-    def __init__(self, app, allowed_hosts: "ServedHosts | list[str] | tuple[str, ...]" = ()):
+    def __init__(self, app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = ()):
         self.app = app
         # Kept by reference when it is a ServedHosts: the share link's host joins it once the tunnel is up.
         self.allowed_hosts = allowed_hosts if isinstance(allowed_hosts, ServedHosts) else ServedHosts(allowed_hosts)

@@ -254,8 +254,10 @@ def build(studio: Studio, form: Form, preset: str | None) -> dict[str, Any]:
         c["start"] = gr.Button("Start training", variant="primary", elem_id="start-btn", min_width=120)
         # Grey until a run is going (the poll turns it on): a bright red Stop with nothing to stop misleads.
         c["stop"] = gr.Button("Stop", variant="secondary", elem_id="stop-btn", interactive=False, min_width=80)
+        # Typed names too (a script may resume without listing runs first); studio.resume confines them.
         c["resume_run"] = gr.Dropdown(label="Run to resume", choices=[], scale=2, elem_id="resume-run",
-                                      info="Stopped, interrupted or failed runs; finished runs are complete.")
+                                      info="Stopped, interrupted or failed runs; finished runs are complete.",
+                                      allow_custom_value=True)
         c["resume"] = gr.Button("Resume", elem_id="resume-btn", min_width=80)
         # Shown beside a run that ran out of memory: resume it from its checkpoint at half the per-device batch
         # and twice the accumulation, so the global batch (and the curve) stays the same.

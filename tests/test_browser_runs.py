@@ -1,0 +1,68 @@
+"""The Runs tab in Chromium, as a newcomer meets it: a hint while there are no runs, several runs drawn together,
+and a delete that names what goes and asks once more (issue 24, newcomer items 2 and 10)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from qlora_ui.runs import RunDir
+from tests.fault_helpers import VIEWPORT, make_cfg, open_app, start_app, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def fake_run(runs, name: str, losses: list[float], mtime: float) -> RunDir:
+    """A finished-looking run folder: its config and loss rows, nothing trained."""
+    run = RunDir(runs / name)
+    run.path.mkdir(parents=True)
+    run.write_config(make_cfg("models/tiny", "data.jsonl", max_steps=len(losses)))
+    run.metrics_path.write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    os.utime(run.path, (mtime, mtime))
+    return run
+
+
+def test_empty_hint_several_runs_compared_and_delete_asks_first(browser, tmp_path):
+    proc, url = start_app(tmp_path, None)
+    try:
+        page = open_app(browser.new_page(viewport=VIEWPORT), url)
+        page.get_by_role("tab", name="Runs").click()
+        page.wait_for_selector("#runs-empty:has-text('No runs yet')", timeout=30_000)
+
+        now = time.time()
+        runs = [fake_run(tmp_path / "runs", f"2026010{i}-000000-try{i}", [2.0 - 0.1 * k for k in range(i + 2)],
+                         now - 100 * (5 - i)) for i in range(5)]
+        page.reload()
+        page.get_by_role("tab", name="Runs").click()
+        page.wait_for_function("document.querySelector('#runs-table').innerText.includes('try4')", timeout=30_000)
+        assert page.locator("#runs-empty").is_hidden()
+        # The four newest runs are drawn together, not the newest alone.
+        chosen = page.locator("#runs-selected .token")
+        wait_for(lambda: chosen.count() == 4, 30, "four runs preselected for the overlay")
+        assert "try0" not in page.locator("#runs-selected").inner_text()
+        wait_for(lambda: page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 4, 30, "four curves")
+
+        # The newest run is the one picked; its details show. Delete asks first, naming the run.
+        newest = runs[-1]
+        page.wait_for_selector("text=Folder:", timeout=30_000)
+        page.locator("#delete-btn").click()
+        page.wait_for_selector(f"#delete-confirm:has-text('{newest.name}')", timeout=30_000)
+        page.locator("#delete-no").click()
+        page.wait_for_selector("#delete-confirm", state="hidden", timeout=30_000)
+        assert newest.path.is_dir()
+
+        page.locator("#delete-btn").click()
+        page.locator("#delete-yes").click()
+        wait_for(lambda: not newest.path.exists(), 30, "the run folder to be deleted")
+        # Its details and command leave the screen with it; the others stay.
+        page.wait_for_function(f"!document.querySelector('#runs-table').innerText.includes('{newest.name}')",
+                               timeout=30_000)
+        wait_for(lambda: page.locator("#runs-one input").input_value() == "", 30, "the Run list to empty")
+        assert "Folder:" not in page.inner_text("body")
+        assert all(r.path.is_dir() for r in runs[:-1])
+    finally:
+        proc.terminate()
+        proc.wait(30)
