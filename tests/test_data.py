@@ -139,7 +139,27 @@ def test_unknown_columns_suggest_a_column_map():
         detect_format([{"question": "a", "answer": "b"}])
     msg = str(e.value)
     assert "question, answer" in msg or "answer, question" in msg
-    assert "column_map" in msg and "question=instruction" in msg and "alpaca" in msg
+    assert "--column-map" in msg and "Column mapping and options" in msg and "question=instruction" in msg
+    assert "alpaca" in msg
+
+
+def test_a_question_answer_pair_is_read_without_a_column_map(tmp_path):
+    from qlora_ui.data.formats import pair_column_map
+
+    assert pair_column_map(["Question", "Answer", "id"]) == {"Question": "prompt", "Answer": "completion"}
+    assert pair_column_map(["human", "assistant"]) == {"human": "prompt", "assistant": "completion"}
+    assert pair_column_map(["prompt", "response"]) == {"response": "completion"}
+    # Never a guess between two candidates, nor over a format's own columns (preference files included).
+    assert pair_column_map(["question", "answer", "response"]) == {}
+    assert pair_column_map(["instruction", "input", "output"]) == {}
+    assert pair_column_map(["prompt", "chosen", "rejected"]) == {}
+    qa = tmp_path / "qa.csv"
+    qa.write_text("question,answer\n" + "".join(f"What is {i}?,It is {i}.\n" for i in range(6)))
+    rep = inspect_file(qa)
+    assert rep.format == "prompt_completion" and any("question → prompt" in w for w in rep.warnings)
+    # A map the user gives wins over the guess.
+    rep = inspect_file(qa, column_map={"question": "instruction", "answer": "output"})
+    assert rep.format == "alpaca" and not any("→" in w for w in rep.warnings)
 
 
 def test_explicit_format_checks_columns():

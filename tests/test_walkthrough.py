@@ -67,28 +67,36 @@ def state_of(page) -> str:
 
 def test_column_map_with_spaces_trains_and_a_finished_run_is_not_resumed(browser, app):
     tmp = app["tmp"]
-    qa = tmp / "qa.csv"
-    qa.write_text("question,answer\n" + "".join(f"What is {i} plus one?,It is {i + 1}.\n" for i in range(24)))
+    rows = "".join(f"What is {i} plus one?,It is {i + 1}.\n" for i in range(24))
+    qa, fa = tmp / "qa.csv", tmp / "fa.csv"
+    qa.write_text("question,answer\n" + rows)
+    fa.write_text("frage,antwort\n" + rows)
     page = open_page(browser, app["url"])
     use_tiny_model(page, tmp / "models")
+    # The commonest upload, a question/answer CSV, is read without a column map, and the page says how.
     upload(page, qa)
+    page.wait_for_selector("#data-summary:has-text('Format: prompt_completion')", timeout=60_000)
+    page.wait_for_selector("#data-summary:has-text('question → prompt')", timeout=30_000)
+    # Columns it cannot guess get the column map; the field's own example, typed as shown (with a space after
+    # the comma), is understood.
+    upload(page, fa)
     page.wait_for_selector("#data-summary:has-text('Could not use this file')", timeout=60_000)
-    # The field's own example, typed as shown (with a space after the comma), is understood.
-    page.get_by_text("Column mapping and options").click()
+    assert "Column mapping and options" in page.locator("#data-summary").inner_text()
+    page.get_by_role("button", name="Column mapping and options").click()
     box = page.get_by_label("Column map")
-    box.fill("question=instruction, answer=output")
+    box.fill("frage=instruction, antwort=output")
     box.press("Enter")
     page.wait_for_selector("#data-summary:has-text('Format: alpaca')", timeout=60_000)
 
     page.get_by_role("tab", name="Train").click()
     name = page.locator("#run-name textarea, #run-name input").first
-    assert name.input_value() == "qa"  # named after its dataset
+    assert name.input_value() == "fa"  # named after its dataset
     set_number(page, "Max steps", 4)
     page.get_by_role("button", name="Start training").click()
     wait_for(lambda: state_of(page) == "finished", 120, "the run to finish")
     run = run_dirs(tmp / "runs")[-1]
-    assert run.name.endswith("-qa")
-    assert "question: instruction" in (run / "config.yaml").read_text()
+    assert run.name.endswith("-fa")
+    assert "frage: instruction" in (run / "config.yaml").read_text()
     adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
 
     # Not offered for resume on the Train tab...

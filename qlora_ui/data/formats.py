@@ -89,12 +89,41 @@ def _normal_names(cols: list[str]) -> dict[str, str]:
     return {c: n for c, n in ren.items() if n not in cols and list(ren.values()).count(n) == 1}
 
 
+# The names people give the two sides of a question/answer file. A file with exactly one of each (and no format's
+# own columns) is read as prompt/completion without a column map: `question,answer` CSVs are the commonest upload.
+_PROMPT_NAMES = ("question", "query", "input", "instruction", "prompt", "human", "user", "request", "q")
+_REPLY_NAMES = ("answer", "response", "output", "completion", "reply", "assistant", "bot", "gpt", "target", "a")
+
+
+def _has_format_columns(names: set[str]) -> bool:
+    return bool({"messages", "conversations", "text"} & names) or ("output" in names and bool(
+        {"instruction", "input"} & names)) or {"instruction", "response"} <= names or {"prompt", "completion"} <= names
+
+
+def pair_column_map(cols: list[str]) -> dict[str, str]:
+    """{question column: "prompt", answer column: "completion"} when the columns name one of each side and no
+    format's own columns; {} otherwise (the format is then detected, or the unknown-columns message explains)."""
+    names: dict[str, str] = {}
+    for c in cols:
+        if isinstance(c, str):
+            names.setdefault(c.strip().lower(), c)
+    if _has_format_columns(set(names)):
+        return {}
+    asks = [names[n] for n in _PROMPT_NAMES if n in names]
+    replies = [names[n] for n in _REPLY_NAMES if n in names]
+    if len(asks) != 1 or len(replies) != 1:
+        return {}  # none, or a choice this code should not guess: the message asks for a column map
+    return {src: dst for src, dst in ((asks[0], "prompt"), (replies[0], "completion")) if src != dst}
+
+
 class ColumnPlan:
     """`apply_column_map` then `normalize_columns`, decided once from a file's columns and applied row by row
-    (the file is not in memory as a list of dicts)."""
+    (the file is not in memory as a list of dicts). Without a column map, a question/answer pair of columns is
+    mapped to prompt/completion (`inferred` holds that map, for the report)."""
 
     def __init__(self, cols: list[str], column_map: dict[str, str] | None):
-        self.column_map = dict(column_map or {})
+        self.inferred = {} if column_map else pair_column_map(cols)
+        self.column_map = dict(column_map or self.inferred)
         if self.column_map:
             missing = [src for src in self.column_map if src not in cols]
             if missing:
@@ -159,8 +188,8 @@ def _unknown_columns_message(cols: list[str]) -> str:
     guess = ",".join(f"{c}={_SYNONYMS[c.lower()]}" for c in cols if c.lower() in _SYNONYMS)
     example = guess or "question=instruction,answer=output"
     return (f"Cannot tell the dataset format from its columns ({', '.join(cols)[:300] or 'none'}). Each format needs "
-            f"these columns: {needs}. Rename your columns with column_map, e.g. {example} "
-            f"(CLI: --column-map {example}), or pick the format explicitly.")
+            f"these columns: {needs}. Rename your columns with the column map, e.g. {example} (Model & Data tab, "
+            f"'Column mapping and options'; CLI: --column-map {example}), or pick the format explicitly.")
 
 
 def check_columns(records: list[dict], fmt: str, cols: list[str] | None = None) -> None:

@@ -109,6 +109,10 @@ def _settings(raw: RawRows, data_format: str, column_map: dict | None, system_pr
                         dropped=dict(m["dropped"]), dropped_examples=raw.dropped_examples(),
                         warnings=list(m["warnings"]), broken=list(m.get("broken", [])))
     report.preview_df = _preview_df(sample)
+    if plan.inferred:
+        pairs = ", ".join(f"{src} → {dst}" for src, dst in plan.inferred.items())
+        report.warnings.append(f"Read the columns as {pairs}: the user asks, the reply is trained. If that is "
+                               "wrong, set the column map under 'Column mapping and options'.")
     return Settings(fmt, plan, system_prompt or "", max_length, train_on_source), report
 
 
