@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from qlora_ui.studio import Studio
-    from qlora_ui.ui.app import CSS, build_app
+    from qlora_ui.ui.app import CSS, JS, build_app
 
     roots = args.model_root or ["models"]
     if args.max_data_size:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     launch = dict(server_name=args.host, server_port=args.port, auth=LoginThrottle(auth) if auth else None,
                   max_file_size=args.max_file_size,
-                  css=CSS, show_error=True, auth_message="QLoRA Studio: sign in." if auth else None,
+                  css=CSS, js=JS, show_error=True, auth_message="QLoRA Studio: sign in." if auth else None,
                   allowed_paths=[str(Path("presets/data").resolve())], prevent_thread_lock=True,
                   app_kwargs={"lifespan": before_serving},
                   # Each streaming chat holds a worker thread while it waits for its batch: room for all of them.

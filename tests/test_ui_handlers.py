@@ -176,3 +176,30 @@ def test_metrics_file_torn_line_does_not_break_polling(studio, tiny_model_dir):
     fig = runs.overlay(studio, [run.name])
     assert len(fig.data) == 1
     assert json.loads(run.status_path.read_text())["state"] == "created"
+
+
+def test_after_a_restart_the_form_shows_the_interrupted_run_and_a_loading_run_hides_the_old_curve(studio,
+                                                                                                  tiny_model_dir):
+    import types
+
+    from qlora_ui.runs import create_run
+
+    cut = create_run(tiny(tiny_model_dir, max_steps=30, name="cut").updated(runs_dir=str(studio.runs_dir)))
+    cut.write_status("running", "training", step=3)
+    st = json.loads(cut.status_path.read_text())
+    st["pid_started"] = 1.0  # the app that trained it is gone
+    cut.status_path.write_text(json.dumps(st))
+    assert cut.read_status()["state"] == "interrupted"
+    out = train.restore_page(studio, FORM, C, "tabs")
+    # The form shows what Resume continues: the run's 30 steps, not the preset's 60.
+    assert out[FORM["max_steps"]] == 30 and 'data-state="interrupted"' in out["progress"]
+
+    # A new run still loading (no loss rows yet) clears the chart this session drew for another run.
+    fresh = create_run(tiny(tiny_model_dir, max_steps=4, name="fresh").updated(runs_dir=str(studio.runs_dir)))
+    fresh.write_status("running", "loading model")
+    studio.job = types.SimpleNamespace(run=fresh, state="running", phase="loading model", step=0, max_steps=4,
+                                       error_message=None)
+    out = train.poll_training(studio, C, (cut.name, 12, "finished", "", 12, 0.0))
+    assert "plot" in out and out["plot"] is None
+    # ...once: the next tick with nothing new leaves it alone.
+    assert out["seen"][4] == 0 and is_skip(train.poll_training(studio, C, out["seen"]))

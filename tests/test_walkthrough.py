@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault_helpers import run_dirs, shots_dir, start_app, use_tiny_model, wait_for
+from tests.fault_helpers import DATA, run_dirs, shots_dir, start_app, use_tiny_model, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +96,14 @@ def test_column_map_with_spaces_trains_and_a_finished_run_is_not_resumed(browser
     wait_for(lambda: state_of(page) == "finished", 120, "the run to finish")
     run = run_dirs(tmp / "runs")[-1]
     assert run.name.endswith("-fa")
+    # The log shows its newest lines, the run's end, not "loading model" at the top.
+    page.mouse.move(0, 0)
+    log = page.locator("#train-log textarea")
+    wait_for(lambda: "finished" in "\n".join(log.input_value().splitlines()[-3:]).lower(), 30,
+             "the log's last lines to say finished")
+    wait_for(lambda: log.evaluate("t => t.scrollHeight - t.scrollTop - t.clientHeight") <= 2, 10,
+             "the log to be scrolled to its end")
+    assert log.evaluate("t => t.scrollHeight > t.clientHeight"), "the log is short enough to need no scrolling"
     assert "frage: instruction" in (run / "config.yaml").read_text()
     adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
 
@@ -134,6 +142,13 @@ def test_a_rejected_file_cannot_start_a_run(browser, app):
     time.sleep(1)
     assert run_dirs(tmp / "runs") == before
     assert "Traceback" not in page.locator("#train-log textarea").input_value()
+    # The error stays until read, but not past the next action: a good upload closes it (it made the next,
+    # healthy run look failed).
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_selector("[data-testid=toast-body]", timeout=30_000)
+    page.get_by_role("tab", name="Model & Data").click()
+    upload(page, DATA / "alpaca.json")
+    wait_for(lambda: page.locator("[data-testid=toast-body]").count() == 0, 15, "the stale error to close")
     page.close()
 
 

@@ -37,6 +37,30 @@ CSS = """
 .qs-msg { white-space: pre-wrap; margin-top: 6px; font-size: 13px; }
 """
 
+# Runs once per page load (launch(js=...)).
+JS = """
+() => {
+  // Error toasts stay until read (a run's failure must not vanish unseen), but a new action makes them stale:
+  // an old "file is empty" beside a healthy new run made that run look failed. The next upload or primary button
+  // closes them first; its own errors arrive after.
+  const stale = () => document.querySelectorAll('.toast-close').forEach(b => b.click());
+  document.addEventListener('click', e => {
+    if (e.target.closest('button.primary, button.lg.primary')) stale();
+  }, true);
+  document.addEventListener('change', e => { if (e.target.matches('input[type=file]')) stale(); }, true);
+  document.addEventListener('drop', stale, true);
+  // The training log follows its newest line (Gradio's autoscroll left a finished run's log at "loading model"),
+  // except while the pointer is on it: someone is reading older lines.
+  let last = null;
+  setInterval(() => {
+    const log = document.querySelector('#train-log textarea');
+    if (!log || log.value === last || log.matches(':hover')) return;
+    last = log.value;
+    log.scrollTop = log.scrollHeight;
+  }, 500);
+}
+"""
+
 
 @dataclass
 class Page:

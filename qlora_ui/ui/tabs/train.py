@@ -201,6 +201,9 @@ def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
     changed = len(rows) != drawn_rows
     if rows and (drawn_rows < 0 or changed and (state != "running" or now - drawn_at >= CHART_EVERY_S)):
         out[c["plot"]], drawn_rows, drawn_at = training_figure(rows, title=run.name), len(rows), now
+    elif not rows and drawn_rows < 0:
+        # A new run still loading: the previous run's curves, under its name, must not stand in for it.
+        out[c["plot"]], drawn_rows = None, 0
     out[c["seen"]] = (*key, drawn_rows, drawn_at)
     return out
 
@@ -227,12 +230,17 @@ def restore_page(studio: Studio, form: Form, c: dict, tabs: gr.Tabs) -> dict:
     cut = next((r for r in runs if r.state == "interrupted"), None)
     if cut is None:
         return gr.skip()
+    try:  # the form shows what Resume continues (its max steps, not the preset's)
+        settings = form.updates(cut.config(), keep_file=True)
+    except USER_ERRORS:
+        settings = {}
     ckpt = cut.last_checkpoint()
     msg = (f"The app stopped while this run was training. Press Resume to continue from {ckpt.name}." if ckpt else
            "The app stopped while this run was training, before its first checkpoint. Press Resume to start it "
            "over.")
-    return {c["progress"]: progress_html("interrupted", RunDir.checkpoint_step(ckpt),
-                                         cut.read_status().get("max_steps") or 0, None, None, cut.name, msg)}
+    return {**settings, c["progress"]: progress_html("interrupted", RunDir.checkpoint_step(ckpt),
+                                                     cut.read_status().get("max_steps") or 0, None, None, cut.name,
+                                                     msg)}
 
 
 # ---- layout and wiring ----
