@@ -244,6 +244,30 @@ def test_export_panel_runs_in_the_background_and_reports(tiny_run, tmp_path):
     import zipfile
 
     assert f"{tiny_run.name}-merged/model.safetensors" in zipfile.ZipFile(files[0]).namelist()
+    # Shown again: the same zip, not another one.
+    assert ep.poll_export(studio, jobs, ByName(), tiny_run.name)["files"] == files
+
+
+def test_downloads_are_served_from_the_temp_folder_one_version_each(tmp_path):
+    """A GGUF under a --runs-dir that Gradio does not serve is handed over from the temp folder, under its own name
+    beside its Modelfile, as a hard link (no second copy); a new export replaces the older one there."""
+    gguf, modelfile = tmp_path / "model-q8_0.gguf", tmp_path / "Modelfile"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    modelfile.write_text("FROM ./model-q8_0.gguf\n")
+    first = ex.served_download([gguf, modelfile], "run-x-model")
+    assert [p.name for p in first] == ["model-q8_0.gguf", "Modelfile"] and first[0].parent == first[1].parent
+    assert first[0].parent.parent == ex.download_dir() and first[0].stat().st_ino == gguf.stat().st_ino
+    assert ex.served_download([gguf, modelfile], "run-x-model") == first  # unchanged: reused
+    gguf.write_bytes(b"GGUF" + bytes(2000))  # exported again
+    second = ex.served_download([gguf, modelfile], "run-x-model")
+    assert second != first and not first[0].parent.exists() and second[0].read_bytes() == gguf.read_bytes()
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (zipped,) = ex.served_download([folder], "run-x-merged")
+    assert zipped.name == "merged.zip" and zipped.is_file()
+    for p in (second[0].parent, zipped.parent):
+        shutil.rmtree(p)
 
 
 def test_chat_handlers_pick_the_backend_from_the_adapter_list(tiny_run, tmp_path):

@@ -45,19 +45,22 @@ from .write import (
     _staging,
     check_free_space,
     default_out,
+    download_dir,
     export_run,
     exports,
     ggufs,
+    served_download,
     weights_bytes,
     zip_folder,
 )
 
 __all__ = (
-    "CONVERTER_FILES", "DEFAULT_MERGE_INTO", "FORMATS", "GGUF_QUANTS", "LLAMA_CPP_VERSION", "LLAMA_FTYPES",
-    "MERGE_INTO", "QUANTIZE_CODE", "ExportError", "ExportJob", "ExportJobs", "ExportResult", "Progress", "TurnFormat",
+    "CONVERTER_FILES", "DEFAULT_MERGE_INTO", "ExportError", "ExportJob", "ExportJobs", "ExportResult", "FORMATS",
+    "GGUF_QUANTS", "LLAMA_CPP_VERSION", "LLAMA_FTYPES", "MERGE_INTO", "Progress", "QUANTIZE_CODE", "TurnFormat",
     "_disk_error", "_go_quote", "_place", "_require_llama_cpp", "_save_merged", "_sixteen_bit", "_staging",
-    "check_architecture", "check_free_space", "check_modelfile_text", "converter_dir", "converter_script",
-    "convert_to_gguf", "default_out", "dequantized_weights", "export_run", "exports", "fetch_converter", "ggufs",
-    "merge_model", "modelfile_path", "ollama_modelfile", "ollama_template", "quantize_gguf", "require_adapter",
-    "run_commands", "supported_architectures", "turn_format", "weights_bytes", "zip_folder",
+    "check_architecture", "check_free_space", "check_modelfile_text", "convert_to_gguf", "converter_dir",
+    "converter_script", "default_out", "dequantized_weights", "download_dir", "export_run", "exports",
+    "fetch_converter", "ggufs", "merge_model", "modelfile_path", "ollama_modelfile", "ollama_template",
+    "quantize_gguf", "require_adapter", "run_commands", "served_download", "supported_architectures", "turn_format",
+    "weights_bytes", "zip_folder",
 )

@@ -180,3 +180,43 @@ def zip_folder(folder: Path, target: Path) -> Path:
                 z.write(p, Path(folder.name) / p.relative_to(folder))
     os.replace(tmp, target)
     return target
+
+
+def download_dir() -> Path:
+    """Where downloads are handed to the browser: the temp folder, which Gradio serves (a --runs-dir elsewhere is
+    not, so a GGUF there could not be downloaded), private to this user."""
+    import tempfile
+
+    d = Path(tempfile.gettempdir()) / f"qlora-studio-zips-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def served_download(paths: list[Path], key: str) -> list[Path]:
+    """`paths` (files, or a folder as a zip) side by side under their own names in download_dir()/<key>-<version>
+    (a GGUF beside its Modelfile, which names it): a hard link where the temp folder shares the file system (no
+    second copy of a GB-sized model), else a copy. Older versions under the same `key` are removed: each export
+    used to leave a new zip behind (three exports: 785 MB)."""
+    import hashlib
+
+    files = sorted(f for p in paths for f in ([p, *p.rglob("*")] if p.is_dir() else [p]))
+    stamp = repr([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()
+    version = hashlib.sha1(stamp).hexdigest()[:12]  # a re-export within the same second is another version
+    d = download_dir()
+    folder = d / f"{key}-{version}"
+    if not folder.is_dir():
+        for old in d.glob(f"{key}-*"):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        tmp_dir = d / f".{folder.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(mode=0o700)
+        for p in paths:
+            if p.is_dir():
+                zip_folder(p, tmp_dir / f"{p.name}.zip")
+                continue
+            try:
+                os.link(p, tmp_dir / p.name)
+            except OSError:
+                shutil.copyfile(p, tmp_dir / p.name)
+        os.replace(tmp_dir, folder)  # whole or absent: a download never gets half a file
+    return [folder / (f"{p.name}.zip" if p.is_dir() else p.name) for p in paths]

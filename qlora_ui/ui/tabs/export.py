@@ -7,14 +7,11 @@ usable and a page reload finds the export where it is.
 from __future__ import annotations
 
 import html
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from ...export import GGUF_QUANTS, ExportJobs, run_commands, zip_folder
+from ...export import GGUF_QUANTS, ExportJobs, run_commands, served_download
 from ...studio import Studio
 from ..feedback import USER_ERRORS, progress_bar, state_colour, user_error
 
@@ -55,14 +52,12 @@ def start_export(studio: Studio, jobs: ExportJobs, c: dict, run_name: str | None
 
 def _downloads(studio: Studio, job) -> tuple[list[str], str]:
     res = job.result
+    # Served from the temp folder, one version per export (hard links: no second copy of the model).
+    key = f"{job.run.name}-{res.path.name}"
     if job.fmt == "merged":
-        # One zip per merged export, in the temp folder like the adapter zips (the folder itself cannot download).
-        out_dir = Path(tempfile.gettempdir()) / f"qlora-studio-zips-{os.getuid()}"
-        out_dir.mkdir(mode=0o700, exist_ok=True)
-        target = out_dir / f"{res.path.name}-{int(res.path.stat().st_mtime)}.zip"
-        if not target.is_file():
-            zip_folder(res.path, target)
-        load = f"AutoModelForCausalLM.from_pretrained('{res.path.name}')"
+        (target,) = served_download([res.path], key)  # the folder itself cannot download: a zip
+        where = studio.shown_path(res.path)  # relative to the app's folder, runnable from there
+        load = f"AutoModelForCausalLM.from_pretrained('{res.path.name if where.startswith('...') else where}')"
         cmd = (f"# the folder: {studio.shown_path(res.path)}\n"
                f"python -c \"from transformers import AutoModelForCausalLM; {load}\"")
         return [str(target)], cmd
@@ -70,7 +65,7 @@ def _downloads(studio: Studio, job) -> tuple[list[str], str]:
     shown = f"{studio.shown_path(res.path.parent)}/"
     text = (f"# in {shown}\n{cmds['ollama'].split(' && ', 1)[1]}\n"
             f"llama-cli -m {res.path.name} -cnv")
-    return [str(res.path), str(res.modelfile)], text
+    return [str(p) for p in served_download([res.path, res.modelfile], key)], text
 
 
 def poll_export(studio: Studio, jobs: ExportJobs, c: dict, run_name: str | None) -> dict:
