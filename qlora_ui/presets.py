@@ -99,6 +99,13 @@ def preset_target_gb(preset: str | None, presets_dir: Path = PRESETS_DIR) -> flo
     return float(gb) if gb is not None else None
 
 
+MAX_USER_PRESETS = 200  # a shared link's visitors cannot fill the disk or the preset list
+
+
+def _lookalike_key(name: str) -> str:
+    return name.lower().rstrip("._-")
+
+
 def save_preset(cfg: RunConfig, name: str, presets_dir: Path = PRESETS_DIR) -> Path:
     if not re.fullmatch(_NAME, name or ""):
         raise ConfigError([f"preset name '{_short(name)}': use 1-64 letters, digits, '.', '_' or '-', starting with "
@@ -106,8 +113,18 @@ def save_preset(cfg: RunConfig, name: str, presets_dir: Path = PRESETS_DIR) -> P
     if (presets_dir / f"{name}.yaml").is_file():
         raise ConfigError([f"preset name '{name}' is a bundled preset and cannot be replaced; pick another name"])
     out = user_presets_dir(presets_dir)
+    # Lookalikes ('CPU-QUICKSTART', 'cpu-quickstart.') would pass for another preset in the list every user of a
+    # shared app picks from; the same name (same case) replaces a user preset.
+    key = _lookalike_key(name)
+    for existing in list_presets(presets_dir):
+        if existing != name and _lookalike_key(existing) == key:
+            raise ConfigError([f"preset name '{name}' looks like the preset '{existing}'; pick a name that differs "
+                               "by more than case or trailing punctuation"])
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.yaml"
+    if not path.is_file() and sum(1 for _ in out.glob("*.yaml")) >= MAX_USER_PRESETS:
+        raise ConfigError([f"preset name '{name}': this app already holds {MAX_USER_PRESETS} saved presets; "
+                           f"replace one of yours (save under its name) or remove some from {out.name}/"])
     tmp = path.with_suffix(".yaml.tmp")
     save_yaml(cfg, tmp)
     tmp.replace(path)  # write, then rename: a half-written preset is never listed

@@ -141,3 +141,21 @@ def test_sub_commands_take_a_subset_of_the_config_flags_with_their_own_aliases()
         parser.parse_args(["--lora-r", "8"])  # not one of this parser's fields
     with pytest.raises(ValueError, match="not config fields: nope"):
         add(argparse.ArgumentParser(), ["nope"])
+
+
+def test_saved_presets_are_capped_and_lookalikes_refused(tmp_path, monkeypatch):
+    from qlora_ui import presets as pr
+
+    (tmp_path / "cpu-quickstart.yaml").write_text("name: q\n")
+    pr.save_preset(RunConfig(), "mine", tmp_path)
+    pr.save_preset(RunConfig().updated(max_steps=7), "mine", tmp_path)  # the same name replaces
+    assert pr.load_preset("mine", tmp_path).training.max_steps == 7
+    for name in ("MINE", "mine.", "Cpu-Quickstart", "cpu-quickstart_"):
+        with pytest.raises(ConfigError, match="looks like"):
+            pr.save_preset(RunConfig(), name, tmp_path)
+    monkeypatch.setattr(pr, "MAX_USER_PRESETS", 3)
+    pr.save_preset(RunConfig(), "two", tmp_path)
+    pr.save_preset(RunConfig(), "three", tmp_path)
+    with pytest.raises(ConfigError, match="already holds 3"):
+        pr.save_preset(RunConfig(), "four", tmp_path)
+    pr.save_preset(RunConfig(), "three", tmp_path)  # replacing one still works at the cap

@@ -528,7 +528,8 @@ def test_bundled_presets_cannot_be_replaced(secured):
     digest = hashlib.sha256(bundled.read_bytes()).hexdigest()
     api = client(secured["url"])
     vals = form(fast_cfg(secured["models"]["tiny"], secured["data"], max_steps=999999), data_path=None)
-    for name in ["cpu-quickstart", "qlora-paper", ".", "..", ".hidden", "../cpu-quickstart", "a/b"]:
+    for name in ["cpu-quickstart", "qlora-paper", ".", "..", ".hidden", "../cpu-quickstart", "a/b",
+                 "CPU-QUICKSTART", "cpu-quickstart.", "Qlora-Paper_"]:  # lookalikes too
         with pytest.raises(AppError, match="preset name"):
             api.predict(name, *vals, api_name="/save_preset")
     assert hashlib.sha256(bundled.read_bytes()).hexdigest() == digest
