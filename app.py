@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allowed-models", action="append", default=None, metavar="PATTERN",
                    help="Hub ids a request may load (repeatable; shell-style patterns like 'meta-llama/*'). "
                         "Default: any. Local folders are governed by --model-root.")
+    p.add_argument("--allowed-datasets", action="append", default=None, metavar="PATTERN",
+                   help="Hub dataset ids a request may download (repeatable; shell-style patterns like "
+                        "'timdettmers/*'). Default: any on loopback, none with --share or a non-local --host. Local "
+                        "dataset folders are governed by --data-root; sizes by --max-data-size.")
     p.add_argument("--chat-max-new-tokens", type=int, default=None, metavar="N",
                    help="Longest chat reply in tokens, whatever the form asks (default: 256 with --share or a "
                         "non-local --host, else the form's own limit).")
@@ -164,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                     allowed_models=args.allowed_models,
                     chat_max_new_tokens=args.chat_max_new_tokens or (256 if shared else None),
                     chat_max_waiting=args.chat_max_waiting, chat_max_batch=args.chat_max_batch,
-                    data_roots=args.data_root)
+                    data_roots=args.data_root,
+                    # A stranger on a shared link must not fill this disk with any dataset of the Hub.
+                    allowed_datasets=args.allowed_datasets if args.allowed_datasets is not None else
+                    ([] if shared else None))
     if studio.data_roots:
         import gradio as gr
 

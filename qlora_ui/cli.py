@@ -312,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_plan_parser(sub)
     except ImportError:
         pass
+    from .evaluate.cli import add_arena_parser  # arena elo / arena judge (issue 26)
+
+    add_arena_parser(sub)
+    from .evaluate.bench_cli import add_eval_parser  # eval: benchmarks through lm-eval (issue 26)
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -79,11 +79,21 @@ class LoraConfig:
                          "LoRA at the same rank. Steps are slower (about 1.3-2x here) and use more memory.")
     use_rslora: bool = fld(False, "rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, which "
                            "keeps high ranks learning. Free; change alpha with it.")
+    init_adapter: str = fld("", "Start from this adapter instead of a fresh one: a run (its name in the runs folder, "
+                            "or its path) or an adapter folder. The usual SFT -> DPO recipe: train SFT, then DPO "
+                            "from its run. The adapter's own rank, alpha and target layers apply.", max_chars=4096)
 
 
 @dataclass
 class DataConfig:
-    data_path: str = fld("", "Dataset file: CSV, JSON, JSONL, Parquet or TXT.", max_chars=4096)
+    data_path: str = fld("", "Dataset: a file (CSV, JSON, JSONL, Parquet or TXT), a local dataset folder "
+                         "(save_to_disk output, or data files with a README), or a Hub dataset as hf://owner/name.",
+                         max_chars=4096)
+    data_config: str = fld("", "Hub dataset or dataset folder: its subset (config) name (empty = the default one).",
+                           max_chars=200)
+    data_split: str = fld("train", "Hub dataset or dataset folder: the split to train on.", max_chars=200)
+    data_revision: str | None = fld(None, "Hub dataset: branch, tag or commit (empty = main). The run records the "
+                                    "commit it resolved to.", max_chars=200)
     data_format: Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "prompt_completion", "text",
                          "guanaco"] = fld("auto", "Dataset format; 'auto' detects it from the columns.")
     column_map: dict[str, str] = fld(None, "Rename columns before detection: file column=expected column, "
@@ -137,6 +147,14 @@ class TrainConfig:
                          "batch_size x grad_accum x processes.", min=1, max=64, step=1)
     accelerate_config: str = fld("", "accelerate recipe for processes > 1, by name from presets/accelerate "
                                  "(empty = plain data parallel, DDP).", max_chars=200)
+    method: Literal["sft", "dpo", "orpo"] = fld(
+        "sft", "Training method. sft: learn the answers (supervised). dpo: learn which of two answers is preferred "
+        "(Direct Preference Optimization through TRL; the reference is the starting model, computed from the same "
+        "4-bit base, no second copy). orpo: SFT and preference in one loss, no reference (TRL experimental). dpo "
+        "and orpo need preference data: prompt, chosen, rejected.")
+    beta: float = fld(0.1, "dpo: how far the model may move from its reference (higher = stays closer; 0.1 is "
+                      "usual). orpo: weight of the preference (odds-ratio) term against the SFT loss.",
+                      min=0.001, max=10.0, step=0.001)
 
 
 SECTIONS: dict[str, type] = {
@@ -190,7 +208,8 @@ class RunConfig:
         problems = validate_fields(self)
         d, q, lo = self.data, self.quantization, self.lora
         if need_data and not d.data_path:
-            problems.append("data_path: no dataset given. Pass --data FILE (CSV, JSON, JSONL, Parquet or TXT).")
+            problems.append("data_path: no dataset given. Pass --data FILE (CSV, JSON, JSONL, Parquet or TXT), a "
+                            "dataset folder, or hf://owner/name.")
         if q.compute_dtype == "fp16" and not q.load_in_4bit:
             problems.append("compute_dtype fp16 without 4-bit loading trains in pure fp16, which overflows: "
                             "use bf16 or fp32.")
@@ -205,6 +224,12 @@ class RunConfig:
         if lo.lora_init == "loftq" and lo.use_dora:
             problems.append("lora_init loftq with use_dora: DoRA's magnitudes are computed before LoftQ sets the "
                             "adapter, so the two do not combine. Turn one off.")
+        if lo.init_adapter and lo.lora_init != "default":
+            problems.append(f"lora_init {lo.lora_init} with init_adapter: the adapter is loaded as it was trained, "
+                            "so no init applies. Set lora_init to default.")
+        if self.training.method == "orpo" and self.training.processes > 1:
+            problems.append("method orpo: TRL's ORPO trainer is experimental and not wired for several processes "
+                            "here. Use processes 1, or method dpo.")
         if self.training.processes > 1:
             # One process per device: more only compete for the same GPUs or cores (3 on 2 cores crawled).
             import os

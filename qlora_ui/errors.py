@@ -69,3 +69,8 @@ class StudioBusy(BusyError):
 
 class ChatBusy(BusyError):
     """A chat request refused right away: the queue is full, or this session already has one running."""
+
+
+class ArenaError(UserError, ValueError):
+    """An arena request that cannot be done: a malformed votes file (its line named), a battle already voted on in
+    this session, too few contestants, a judge endpoint that cannot be reached."""

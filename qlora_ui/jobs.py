@@ -56,9 +56,26 @@ def preflight(cfg: RunConfig) -> None:
     (not a failed run with a traceback in its log)."""
     from .data import check_file
     from .modeling import preflight as check_model
+    from .modeling import resolve_init_adapter
 
     check_model(cfg.model)
-    check_file(cfg.data)
+    resolve_init_adapter(cfg.lora.init_adapter, cfg.runs_dir)
+    if cfg.training.method == "sft":
+        from .errors import DataError
+
+        try:
+            check_file(cfg.data)
+        except DataError as e:
+            from .data.preference import holds_pairs
+
+            if holds_pairs(cfg.data):
+                raise DataError(f"{e} This file holds preference pairs ('chosen' and 'rejected' columns): to "
+                                "train on them, set method dpo or orpo (--method dpo).") from None
+            raise
+    else:
+        from .data.preference import check_preference_file
+
+        check_preference_file(cfg.data, method=cfg.training.method)
 
 
 def check_resumable(run: RunDir, extend_to: int | None = None) -> None:

@@ -103,6 +103,9 @@ class PlanSettings:
     # FSDP offload_params / ZeRO-3 offload_param_device: the shards (and their gradients and optimizer state)
     # live in CPU RAM; the GPU keeps only the gathered units and the activations.
     offload: bool = False
+    # DPO / ORPO (training.method): every row is two sequences, chosen and rejected, run as one batch of 2 x batch;
+    # DPO's reference pass is a no-grad forward of the same batch whose activations are freed layer by layer.
+    preference: bool = False
 
     @classmethod
     def from_config(cls, run: RunConfig, **overrides) -> PlanSettings:
@@ -111,7 +114,7 @@ class PlanSettings:
                 lora_dropout=lo.lora_dropout, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                 load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, quant_type=q.quant_type,
                 compute_dtype=q.compute_dtype, processes=max(1, int(getattr(t, "processes", 1) or 1)),
-                **_strategy_of(getattr(t, "accelerate_config", "")))
+                preference=getattr(t, "method", "sft") != "sft", **_strategy_of(getattr(t, "accelerate_config", "")))
         return dataclasses.replace(s, **overrides)
 
     @property
@@ -301,7 +304,9 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
     has made none yet (the bundled model: 5% high); the layer phase counts its terms as if all alive at once
     (a deep, small-vocabulary model: 19% high). Conservative on purpose: "fits" must not be optimistic.
     """
-    t = s.batch * s.seq
+    # A preference step trains chosen + rejected together: twice the tokens. The reference pass (no grad) holds at
+    # most one layer's transient buffers on top of the stored activations, within the layer phase below.
+    t = s.batch * s.seq * (2 if s.preference else 1)
     h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     e = _stream_bytes(s, kind)
     per_layer = sum(layer_saved_tensors(shape, s, kind).values())

@@ -231,7 +231,8 @@ def peft_config(lo: LoraConfig):
                           init_lora_weights=init, use_dora=lo.use_dora, use_rslora=lo.use_rslora)
 
 
-def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, quantized: bool):
+def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, quantized: bool,
+                         init_adapter: Path | None = None):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, GENERATED_FLAG, False):
@@ -256,11 +257,34 @@ def prepare_for_training(model, lo: LoraConfig, gradient_checkpointing: bool, qu
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        # The adapter's own config (rank, alpha, targets) applies: its weights only fit that shape.
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     try:
         model = get_peft_model(model, peft_config(lo))
     except ValueError as e:
         raise ConfigError([f"target_modules: {e}"]) from None
     return model
+
+
+def resolve_init_adapter(name: str, runs_dir: str | Path = "runs") -> Path | None:
+    """The adapter folder `init_adapter` names: a run (by name in runs_dir, or its path; its adapter/) or an
+    adapter folder itself. None when none is set; a ModelError saying what to give when it cannot be used."""
+    name = (name or "").strip()
+    if not name:
+        return None
+    candidates = [Path(name).expanduser()]
+    if "/" not in name and "\\" not in name:
+        candidates.append(Path(runs_dir) / name)
+    for c in candidates:
+        for folder in (c / "adapter", c):
+            if (folder / "adapter_config.json").is_file():
+                return folder.resolve()
+    raise ModelError(f"init_adapter '{name}': no adapter there (no adapter_config.json in it or in its adapter/). "
+                     f"Give a run that finished or was stopped (its name in {runs_dir} or its folder), or a PEFT "
+                     "adapter folder.")
 
 
 def keep_4bit_layout_trainable(model) -> None:
@@ -284,13 +308,14 @@ class LoadedModel:
     footprint_bytes: int
 
 
-def load_for_training(m: ModelConfig, q: QuantConfig, lo: LoraConfig, gradient_checkpointing: bool) -> LoadedModel:
+def load_for_training(m: ModelConfig, q: QuantConfig, lo: LoraConfig, gradient_checkpointing: bool,
+                      init_adapter: Path | None = None) -> LoadedModel:
     t0 = time.time()
     path = resolve_model_path(m)
     tok = load_tokenizer(path, m)
     base = load_base_model(path, m, q)
     footprint = base.get_memory_footprint()
-    model = prepare_for_training(base, lo, gradient_checkpointing, q.load_in_4bit)
+    model = prepare_for_training(base, lo, gradient_checkpointing, q.load_in_4bit, init_adapter)
     if lo.lora_init == "loftq":
         from .loftq import apply_loftq
 

@@ -16,7 +16,7 @@ from .shapes import ShapeError, known_shapes
 
 # The config fields the estimate depends on (memory.PlanSettings.from_config), one flag each.
 PLAN_FIELDS = ("base_model", "batch_size", "max_length", "lora_r", "optimizer", "gradient_checkpointing",
-               "quant_type", "double_quant")
+               "quant_type", "double_quant", "method")
 PLAN_ALIASES = {"--batch": "batch_size", "--seq": "max_length", "--rank": "lora_r"}
 
 

@@ -18,10 +18,34 @@ def _xy(rows: list[dict[str, Any]], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def is_preference(rows: list[dict[str, Any]]) -> bool:
+    """A DPO / ORPO run: its rows carry reward curves (preference_training.METRIC_KEYS)."""
+    return any("reward_accuracy" in r or "reward_margin" in r for r in rows)
+
+
 def training_figure(rows: list[dict[str, Any]], title: str = "") -> go.Figure:
-    """Train/eval loss, learning rate, grad norm and tokens/s of one run, 2x2."""
-    fig = make_subplots(rows=2, cols=2, subplot_titles=("Loss", "Learning rate", "Grad norm", "Tokens/s"),
-                        vertical_spacing=0.16, horizontal_spacing=0.08)
+    """Train/eval loss, learning rate, grad norm and tokens/s of one run, 2x2; a DPO / ORPO run gets a third row:
+    the rewards of the chosen and rejected answers with their margin, and the reward accuracy."""
+    pref = is_preference(rows)
+    titles = ("Loss", "Learning rate", "Grad norm", "Tokens/s")
+    fig = make_subplots(rows=3 if pref else 2, cols=2, vertical_spacing=0.11 if pref else 0.16,
+                        horizontal_spacing=0.08,
+                        subplot_titles=titles + (("Rewards (chosen, rejected, margin)", "Reward accuracy")
+                                                 if pref else ()))
+    if pref:
+        for key, name, color, dash in (("reward_chosen", "chosen", COLORS[2], None),
+                                       ("reward_rejected", "rejected", COLORS[1], None),
+                                       ("reward_margin", "margin", COLORS[3], "dot")):
+            x, y = _xy(rows, key)
+            fig.add_trace(go.Scatter(x=x, y=y, name=f"reward {name}", mode="lines",
+                                     line=dict(color=color, dash=dash)), 3, 1)
+        x, y = _xy(rows, "reward_accuracy")
+        fig.add_trace(go.Scatter(x=x, y=y, name="reward accuracy", mode="lines", line_color=COLORS[0],
+                                 showlegend=False), 3, 2)
+        x, y = _xy(rows, "eval_reward_accuracy")
+        fig.add_trace(go.Scatter(x=x, y=y, name="eval reward accuracy", mode="lines+markers", marker_size=7,
+                                 line=dict(color=COLORS[1], dash="dash")), 3, 2)
+        fig.update_yaxes(range=[-0.05, 1.05], row=3, col=2)
     x, y = _xy(rows, "loss")
     fig.add_trace(go.Scatter(x=x, y=y, name="train loss", mode="lines+markers", marker_size=4,
                              line_color=COLORS[0]), 1, 1)
@@ -32,8 +56,9 @@ def training_figure(rows: list[dict[str, Any]], title: str = "") -> go.Figure:
                                      ("tokens_per_s", "tokens/s", 2, 2, COLORS[4])):
         x, y = _xy(rows, key)
         fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines", line_color=color, showlegend=False), r, c)
-    fig.update_xaxes(title_text="step", row=2)
-    fig.update_layout(height=520, margin=dict(l=40, r=20, t=60 if title else 40, b=40), title=title or None,
+    fig.update_xaxes(title_text="step", row=3 if pref else 2)
+    fig.update_layout(height=760 if pref else 520, margin=dict(l=40, r=20, t=60 if title else 40, b=40),
+                      title=title or None,
                       legend=dict(orientation="h", y=1.12, x=0), template="plotly_white")
     return fig
 
@@ -50,8 +75,14 @@ def overlay_figure(runs: dict[str, list[dict[str, Any]]], title: str = "Loss by 
         if x:
             fig.add_trace(go.Scatter(x=x, y=y, name=f"{name} eval", mode="lines+markers",
                                      line=dict(color=color, dash="dash")))
+        x, y = _xy(rows, "reward_accuracy")
+        if x:  # DPO / ORPO runs: reward accuracy on a 0..1 axis at the right
+            fig.add_trace(go.Scatter(x=x, y=y, name=f"{name} reward accuracy", mode="lines", yaxis="y2",
+                                     line=dict(color=color, dash="dot")))
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss", template="plotly_white", height=460,
                       legend=dict(orientation="h", y=-0.2))
+    if any(is_preference(rows) for rows in runs.values()):
+        fig.update_layout(yaxis2=dict(title="reward accuracy", overlaying="y", side="right", range=[0, 1.05]))
     return fig
 
 

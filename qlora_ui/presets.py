@@ -73,7 +73,7 @@ def preset_path(name: str, presets_dir: Path = PRESETS_DIR) -> Path:
 def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> RunConfig:
     cfg = load_yaml(preset_path(name, presets_dir))
     # Relative data paths in presets are relative to the repo, so presets work from any cwd.
-    if cfg.data.data_path and not Path(cfg.data.data_path).is_absolute():
+    if cfg.data.data_path and not cfg.data.data_path.startswith("hf://") and not Path(cfg.data.data_path).is_absolute():
         cfg.data.data_path = str((presets_dir.parent / cfg.data.data_path).resolve())
     return cfg
 

@@ -102,6 +102,18 @@ class RunDir:
     def config(self) -> RunConfig:
         return load_yaml(self.config_path)
 
+    def reproducing_config(self) -> RunConfig:
+        """The config with a Hub dataset pinned to the commit the run read (dataset.json): the command that
+        reproduces the run reads the same rows even after the dataset moves on."""
+        cfg = self.config()
+        try:
+            record = json.loads((self.path / "dataset.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return cfg
+        if record.get("kind") == "hub" and record.get("revision"):
+            cfg = cfg.updated(data_revision=record["revision"])
+        return cfg
+
     def write_config(self, cfg: RunConfig) -> None:
         tmp = self.path / f".config.yaml.tmp{os.getpid()}"
         save_yaml(cfg, tmp)
@@ -191,6 +203,8 @@ class RunDir:
         try:
             cfg = self.config()
             model, data = cfg.model.base_model, Path(cfg.data.data_path).name
+            if cfg.data.data_path.startswith("hf://"):
+                data = cfg.data.data_path  # 'name' alone would hide whose dataset it is
         except (OSError, ConfigError):
             model, data = "?", "?"
         return {
@@ -286,8 +300,12 @@ def copy_dataset_into(run: RunDir, cfg: RunConfig) -> RunConfig:
     """Record the dataset (path, size, sha256) in dataset.json, and keep a small one with the run: uploads live
     in a temp dir that Gradio cleans up. A big one is not copied into every run folder; the record says where it
     lives, and a resume checks that it is still the same file (`check_run_dataset`)."""
-    from .data import file_digest
+    from .data import file_digest, source_for
 
+    source = source_for(cfg.data)
+    if source is not None:
+        atomic_write_text(run.path / "dataset.json", json.dumps(source_record(cfg), indent=1))
+        return cfg
     src = Path(cfg.data.data_path)
     if not src.is_file():
         return cfg
@@ -308,12 +326,28 @@ def copy_dataset_into(run: RunDir, cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def source_record(cfg: RunConfig) -> dict[str, Any]:
+    """dataset.json for a Hub dataset or a dataset folder: what was asked for, the commit (hub) or files' digest
+    (folder) it resolved to, and the fingerprint of the rows read. The rows come from the data cache, which the
+    preflight check has just filled, so this reads nothing twice."""
+    from .data import load_rows, source_for
+
+    source = source_for(cfg.data)
+    raw = load_rows(cfg.data.data_path, cfg.data.max_rows, source=source)
+    return {"kind": source.kind, "id" if source.kind == "hub" else "path": source.ref, "config": source.config,
+            "split": source.split, "requested_revision": source.revision, "revision": raw.meta.get("revision"),
+            "fingerprint": raw.meta.get("fingerprint"), "rows": raw.meta.get("rows")}
+
+
 def check_run_dataset(run: RunDir, data_path: str) -> None:
     """Before a resume: the dataset must be the one the run started on (same sha256), or the run is refused."""
     try:
         record = json.loads((run.path / "dataset.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return  # a run from before dataset.json: nothing to compare with
+    if record.get("kind") in ("hub", "folder"):
+        _check_source(run, record)
+        return
     p = Path(data_path)
     where = f"{p}" + ("" if record.get("copied") else " (too big to copy into the run folder, so it is used "
                                                       "where it lies)")
@@ -327,6 +361,26 @@ def check_run_dataset(run: RunDir, data_path: str) -> None:
                        f"{record.get('size'):,} bytes, sha256 {str(record.get('sha256'))[:12]}..., now "
                        f"{p.stat().st_size:,} bytes). Resuming on other data would mix two trainings. Restore the "
                        "original file, or start a new run on the new one.")
+
+
+def _check_source(run: RunDir, record: dict[str, Any]) -> None:
+    """A Hub dataset or folder resolves again (the same revision the config names); a new commit or other rows
+    refuse the resume, as a changed file does."""
+    cfg = run.config()
+    now = source_record(cfg)
+    what = (f"hf://{record.get('id')}" if record["kind"] == "hub" else str(record.get("path")))
+    what += f" [{record.get('split')}]"
+    if now.get("revision") != record.get("revision"):
+        pin = (f" To train on the data it started with, start a new run with --data-revision {record.get('revision')} "
+               "(the Runs tab's command pins it)." if record["kind"] == "hub" else "")
+        noun = "commit" if record["kind"] == "hub" else "files (sha256)"
+        raise RunError(f"{run.name} cannot resume: its dataset {what} has changed since the run started ({noun} "
+                       f"{str(record.get('revision'))[:12]}..., now {str(now.get('revision'))[:12]}...). Resuming on "
+                       f"other data would mix two trainings.{pin}")
+    if now.get("fingerprint") != record.get("fingerprint"):
+        raise RunError(f"{run.name} cannot resume: the rows read from {what} differ from those the run started on "
+                       "(another max_rows, or a changed cache). Resuming on other data would mix two trainings; "
+                       "start a new run.")
 
 
 def open_run(path: str | Path, runs_dir: str | Path | None = None) -> RunDir:

@@ -28,7 +28,8 @@ class Studio:
     def __init__(self, runs_dir: str | Path = "runs", model_roots: list[str | Path] | None = None,
                  presets_dir: str | Path | None = None, allow_remote_code: bool = False,
                  allowed_models: list[str] | None = None, chat_max_new_tokens: int | None = None,
-                 chat_max_waiting: int = 32, chat_max_batch: int = 16, data_roots: list[str | Path] | None = None):
+                 chat_max_waiting: int = 32, chat_max_batch: int = 16, data_roots: list[str | Path] | None = None,
+                 allowed_datasets: list[str] | None = None):
         from .config import PRESETS_DIR
 
         self.presets_dir = Path(presets_dir) if presets_dir else PRESETS_DIR
@@ -43,6 +44,8 @@ class Studio:
         self.allow_remote_code = allow_remote_code
         # Hub ids a request may name (fnmatch patterns); None = any.
         self.allowed_models = list(allowed_models) if allowed_models else None
+        # Hub dataset ids a request may download (fnmatch patterns); None = any, [] = none (app.py: none when shared).
+        self.allowed_datasets = list(allowed_datasets) if allowed_datasets is not None else None
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
         self.chat = ChatEngine()
@@ -51,6 +54,12 @@ class Studio:
         self.chat_max_new_tokens = chat_max_new_tokens
         self.chat.server.max_waiting, self.chat.server.max_batch = chat_max_waiting, chat_max_batch
         self.gguf_chat = LlamaCppEngine()  # the llama.cpp backend: chat from a run's exported GGUF
+        from .evaluate.arena import Arena
+
+        self.arena = Arena(self.runs_dir)  # battles and votes under runs/arena/, one vote per battle per session
+        from .evaluate.benchmarks import BenchmarkJobs
+
+        self.benchmarks = BenchmarkJobs()  # lm-eval runs in the background, one at a time per app
         self._tokenizers: dict[str, object] = {}
         self._reattach()
 
@@ -77,8 +86,12 @@ class Studio:
                 raise StudioBusy(f"A training run is already in progress ({self.job.run.name}, step "
                                  f"{self.job.step}/{self.job.max_steps or '?'}). Stop it first: one run at a time.")
             self.check_model(cfg.model)
+            self.check_data(cfg.data)
             self.check_recipe(cfg.training.accelerate_config)
             cfg = cfg.updated(runs_dir=str(self.runs_dir))
+            if cfg.lora.init_adapter:
+                # A request names one of this app's runs, confined to runs_dir like Resume (never a path of its own).
+                cfg = cfg.updated(init_adapter=str(self.open(cfg.lora.init_adapter).path))
             # processes > 1: launched through accelerate and followed from the run folder, same job surface.
             self.job = create_job(cfg).start()
             return self.job
@@ -228,6 +241,24 @@ class Studio:
             raise DataError(f"'{Path(path).name}' is not in a folder this app serves datasets from (--data-root). "
                             "Upload the file instead.")
         return p
+
+    def check_data(self, data) -> None:
+        """What a request may name as a dataset beyond an upload: a Hub id matching --allowed-datasets, a dataset
+        folder under --data-root (a typed path reads the server's disk, so it is confined like a model path)."""
+        from fnmatch import fnmatchcase
+
+        from .data import hub_repo
+
+        repo = hub_repo(data.data_path)
+        if repo is not None:
+            if self.allowed_datasets is not None and not any(fnmatchcase(repo, p) for p in self.allowed_datasets):
+                allowed = ", ".join(self.allowed_datasets) or "none on this shared app"
+                raise DataError(f"Hub dataset '{repo}' is not one this app may download (allowed: {allowed}). "
+                                "Upload the data as a file instead; whoever runs the app sets the ids with "
+                                "--allowed-datasets.")
+            return
+        if data.data_path and Path(data.data_path).expanduser().is_dir():
+            self.check_data_file(data.data_path)
 
     def local_models(self) -> list[str]:
         out = []

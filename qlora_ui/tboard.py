@@ -15,8 +15,13 @@ log = logging.getLogger(__name__)
 SUBDIR = "tensorboard"
 # metrics.jsonl key -> TensorBoard tag
 TRAIN_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-              "tokens_per_s": "train/tokens_per_s"}
-EVAL_TAGS = {"eval_loss": "eval/loss"}
+              "tokens_per_s": "train/tokens_per_s",
+              # DPO / ORPO (preference_training.METRIC_KEYS): TRL's own names under train/ and eval/
+              "reward_chosen": "train/rewards/chosen", "reward_rejected": "train/rewards/rejected",
+              "reward_margin": "train/rewards/margins", "reward_accuracy": "train/rewards/accuracies",
+              "nll_loss": "train/nll_loss", "log_odds_ratio": "train/log_odds_ratio"}
+EVAL_TAGS = {"eval_loss": "eval/loss", "eval_reward_accuracy": "eval/rewards/accuracies",
+             "eval_reward_margin": "eval/rewards/margins"}
 
 
 class TensorBoardLog:

@@ -76,6 +76,10 @@ def _make_callback(job: TrainingJob):
             eta = (state.max_steps - state.global_step) * elapsed / done if done > 0 else None
             row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                                    "world_size": args.world_size}
+            if job.cfg.training.method != "sft":
+                from .preference_training import metric_row
+
+                row.update(metric_row(logs))  # rewards, margins, reward accuracy (eval_ ones at eval steps)
             if "eval_loss" in logs:
                 row["eval_loss"] = logs["eval_loss"]
             else:
@@ -197,7 +201,8 @@ class TrainingJob:
         if self.tboard is not None:
             self.tboard.write(row)
         parts = [f"step {row['step']}/{row.get('max_steps')}"]
-        for k in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"):
+        for k in ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "reward_accuracy", "reward_margin",
+                  "eval_reward_accuracy"):
             if row.get(k) is not None:
                 parts.append(f"{k} {row[k]:.4g}")
         log.info(" | ".join(parts))
@@ -277,7 +282,12 @@ class TrainingJob:
         # get_peft_model draws the LoRA A init from torch's global RNG: seed it here, or two runs with one
         # seed in the same process (a UI session, a benchmark) start from different adapters.
         set_seed(tr.seed)
-        loaded = load_for_training(cfg.model, cfg.quantization, cfg.lora, tr.gradient_checkpointing)
+        from .modeling import resolve_init_adapter
+
+        init = resolve_init_adapter(cfg.lora.init_adapter, cfg.runs_dir)
+        if init is not None:
+            log.info("starting from the adapter in %s", init)
+        loaded = load_for_training(cfg.model, cfg.quantization, cfg.lora, tr.gradient_checkpointing, init)
         self.footprint_bytes, self.load_seconds = loaded.footprint_bytes, loaded.load_seconds
         trainable, total = trainable_parameters(loaded.model)
         log.info("loaded %s in %.1f s: base footprint %.1f MB, trainable %d of %d parameters (%.2f%%)",
@@ -285,7 +295,12 @@ class TrainingJob:
                  100 * trainable / max(total, 1))
 
         self._set_phase("reading dataset")
-        prepared = prepare_dataset(cfg.data, loaded.tokenizer, seed=tr.seed)
+        if tr.method == "sft":
+            prepared = prepare_dataset(cfg.data, loaded.tokenizer, seed=tr.seed)
+        else:  # preference pairs (prompt / chosen / rejected message lists), rendered by TRL's trainer
+            from .data.preference import prepare_preferences
+
+            prepared = prepare_preferences(cfg.data, loaded.tokenizer, seed=tr.seed, method=tr.method)
         self.report = prepared.report
         log.info("dataset:\n%s", prepared.report.summary())
         if tr.batch_size > len(prepared.train):
@@ -311,7 +326,7 @@ class TrainingJob:
             saved = frozen_to_compute_dtype(loaded.model, getattr(torch, {"bf16": "bfloat16",
                                                                           "fp16": "float16"}[dtype]))
             log.info("frozen weights kept in %s: %.1f MB less than fp32", dtype, saved / 1e6)
-        args = TrainingArguments(
+        args_kw = dict(
             output_dir=str(self.run.checkpoints_dir),
             num_train_epochs=tr.epochs,
             max_steps=tr.max_steps if tr.max_steps > 0 else -1,
@@ -349,14 +364,24 @@ class TrainingJob:
             # LoRA under DDP: every adapter weight gets a gradient each step, so no search for unused ones.
             ddp_find_unused_parameters=False,
         )
-        collator = make_collator(loaded.tokenizer, tr.padding_free)
-        if tr.padding_free and use_per_row_attention(loaded.model):
-            log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
-        amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
-        train_cls = trainer_class(tr.labelled_head, amp_dtype)
-        trainer = train_cls(model=loaded.model, args=args, train_dataset=train_ds.remove_columns(["length"])
-                            if not tr.group_by_length else train_ds, eval_dataset=eval_ds, data_collator=collator,
-                            callbacks=[_make_callback(self), *self.extra_callbacks])
+        callbacks = [_make_callback(self), *self.extra_callbacks]
+        if tr.method != "sft":
+            # DPO / ORPO through TRL on the same model and arguments; padding-free and the labelled-only head are
+            # SFT's (preference_training.py says why they are off).
+            from .preference_training import build_trainer
+
+            trainer = build_trainer(cfg, loaded, train_ds, eval_ds, args_kw, callbacks)
+            args = trainer.args
+        else:
+            args = TrainingArguments(**args_kw)
+            collator = make_collator(loaded.tokenizer, tr.padding_free)
+            if tr.padding_free and use_per_row_attention(loaded.model):
+                log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
+            amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
+            train_cls = trainer_class(tr.labelled_head, amp_dtype)
+            trainer = train_cls(model=loaded.model, args=args, train_dataset=train_ds.remove_columns(["length"])
+                                if not tr.group_by_length else train_ds, eval_dataset=eval_ds, data_collator=collator,
+                                callbacks=callbacks)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the listener, not stdout
@@ -389,6 +414,7 @@ class TrainingJob:
         out = self.run.adapter_dir
         if self.rank != 0:
             return out
-        model.save_pretrained(out, safe_serialization=True)
+        # Only the trained adapter: DPO from an init adapter also holds TRL's frozen "ref" copy of where it started.
+        model.save_pretrained(out, safe_serialization=True, selected_adapters=["default"])
         tokenizer.save_pretrained(out)
         return out

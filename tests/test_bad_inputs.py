@@ -47,7 +47,8 @@ CASES = [
     ("utf8_bom.csv", "inspect", Ok(2, check=lambda r: r.columns == ["instruction", "output"])),
     ("mixed_types.json", "inspect", Ok(3, {"empty": 1, "malformed": 1},
                                        check=lambda r: r.example[1]["content"] == "42")),
-    ("missing_columns.csv", "inspect", Err(("cannot tell", "question", "answer", "column_map",
+    # Columns no format names and no question/answer pair this app recognises (question,answer is read as is).
+    ("missing_columns.csv", "inspect", Err(("cannot tell", "frage", "antwort", "--column-map",
                                             "question=instruction"))),
     ("missing_field.jsonl", "inspect", Ok(2, {"malformed": 1}, check=lambda r: "no 'output' field" in r.summary())),
     ("too_long.jsonl", "prepare", Err(("all 40 rows", "longer than max_length 64", "shortest is", "raise max_length"))),

@@ -323,7 +323,7 @@ def test_cli_check_data_good_file(capsys, bundled_dir):
 
 def test_cli_check_data_column_map(capsys, bundled_dir):
     path = DATA / "bad" / "missing_columns.csv"
-    rc, out, err = run_check_data([str(path), "--column-map", "question=instruction,answer=output"], capsys)
+    rc, out, err = run_check_data([str(path), "--column-map", "frage=instruction,antwort=output"], capsys)
     assert rc == 0, err
     assert "Format: alpaca" in out and "2 kept" in out
 

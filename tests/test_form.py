@@ -74,6 +74,8 @@ def test_the_api_takes_the_form_in_the_order_clients_have_always_used(tmp_path):
            for name, ep in page.demo.get_api_info()["named_endpoints"].items()}
     form_labels = [labels[k] for k in API_ORDER]
     assert page.form.keys == list(API_ORDER)  # no field beyond the listed ones today
+    # The dataset source box (a Hub id or folder, typed beside the file box) comes after every field.
+    form_labels.append(page.form.source_box.label)
     for name in ("/start_training", "/inspect_data"):
         assert api[name] == form_labels, name
     assert api["/save_preset"] == ["New preset name", *form_labels]

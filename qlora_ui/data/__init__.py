@@ -53,6 +53,7 @@ from .render import (
     token_spans,
 )
 from .report import DataReport
+from .sources import HF_PREFIX, Source, hub_repo, load_split, preview_rows, source_for, source_of, split_names
 from .stages import load_rows, tokenizer_fingerprint
 
 MAX_FILE_BYTES = DEFAULT_MAX_DATA_BYTES  # the old name of the dataset size cap
@@ -66,4 +67,5 @@ __all__ = (
     "is_raw", "load_rows", "max_data_bytes", "normalize_columns", "parse_size", "prepare_dataset", "read_records",
     "read_table", "render_chat", "render_text", "segments_for_preview", "template_overhead", "to_conversations",
     "token_spans", "tokenizer_fingerprint",
+    "HF_PREFIX", "Source", "hub_repo", "load_split", "preview_rows", "source_for", "source_of", "split_names",
 )

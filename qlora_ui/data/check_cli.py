@@ -13,12 +13,13 @@ from ..errors import ConfigError
 from .common import SUPPORTED, DataError
 from .prepare import inspect_file
 from .report import nothing_left
+from .sources import source_of
 
 log = logging.getLogger(__name__)
 
 # What reading and rendering a file depends on, one flag each (the same flags `train` takes).
 CHECK_FIELDS = ("base_model", "data_format", "column_map", "max_length", "system_prompt", "train_on_source",
-                "max_rows")
+                "max_rows", "data_config", "data_split", "data_revision")
 
 
 def add_check_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def add_check_data_parser(subparsers) -> argparse.ArgumentParser:
                               description="Read a dataset file the way training will, and report the detected "
                                           "format, kept and dropped rows, token lengths and one rendered example "
                                           "(trained part marked «like this»).")
-    p.add_argument("file", help=f"Dataset file ({SUPPORTED}).")
+    p.add_argument("file", help=f"Dataset file ({SUPPORTED}), a dataset folder, or hf://owner/name.")
     # The data settings from the config's own fields (`--data-format` etc.); `--format` stays as an alias.
     add_cli_flags(p, CHECK_FIELDS, aliases={"--format": "data_format"}, switches=True,
                   helps={"base_model": "Model whose tokenizer and chat template to use (default: the bundled "
@@ -71,9 +72,11 @@ def check_data_main(args) -> int:
                 tok = load_tokenizer(resolve_model_path(mc), mc)
             except ModelError as e:
                 print(f"warning: no token statistics, the tokenizer did not load: {e}", file=err)
-        report = inspect_file(args.file, tok, data_format=cfg.data.data_format, column_map=column_map,
-                              max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt,
-                              train_on_source=cfg.data.train_on_source, max_rows=cfg.data.max_rows)
+        d = cfg.data
+        report = inspect_file(args.file, tok, data_format=d.data_format, column_map=column_map,
+                              max_length=d.max_length, system_prompt=d.system_prompt,
+                              train_on_source=d.train_on_source, max_rows=d.max_rows,
+                              source=source_of(args.file, d.data_config, d.data_split, d.data_revision))
     except ConfigError as e:
         print(f"error: invalid settings:\n{e}", file=err)
         return 2

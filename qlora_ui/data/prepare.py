@@ -23,6 +23,7 @@ from .common import MAX_DROPPED_EXAMPLES, PREVIEW_ROWS, SUPPORTED, DataError, Dr
 from .formats import ColumnPlan, resolve_format
 from .render import segments_for_preview, template_overhead
 from .report import DataReport, nothing_left
+from .sources import Source, source_for
 from .stages import BATCH, RawRows, RowEncoder, Settings, load_rows, load_tokens, sample_rows
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ def _settings(raw: RawRows, data_format: str, column_map: dict | None, system_pr
         pairs = ", ".join(f"{src} → {dst}" for src, dst in plan.inferred.items())
         report.warnings.append(f"Read the columns as {pairs}: the user asks, the reply is trained. If that is "
                                "wrong, set the column map under 'Column mapping and options'.")
+    if m.get("source"):
+        report.origin = f"{m['name']} @ {str(m['revision'])[:12]}"
     return Settings(fmt, plan, system_prompt or "", max_length, train_on_source), report
 
 
@@ -170,7 +173,7 @@ def check_file(cfg: DataConfig, *, max_bytes: int | None = None) -> str:
     before a run folder exists (a file already rejected in the panel must not start a run). Returns the format."""
     if not cfg.data_path:
         raise _no_dataset()
-    raw = load_rows(cfg.data_path, cfg.max_rows, max_bytes=max_bytes)
+    raw = load_rows(cfg.data_path, cfg.max_rows, max_bytes=max_bytes, source=source_for(cfg))
     settings, report = _settings(raw, cfg.data_format, cfg.column_map, cfg.system_prompt, None, False)
     rows = raw.dataset()
     # One usable row settles it; only a file whose first rows are all unusable is converted in full.
@@ -190,7 +193,7 @@ def prepare_dataset(cfg: DataConfig, tokenizer, seed: int, *, max_bytes: int | N
     """The tokenized train/eval rows for a data config, or a DataError saying why there are none."""
     if not cfg.data_path:
         raise _no_dataset()
-    raw = load_rows(cfg.data_path, cfg.max_rows, max_bytes=max_bytes)
+    raw = load_rows(cfg.data_path, cfg.max_rows, max_bytes=max_bytes, source=source_for(cfg))
     settings, report = _settings(raw, cfg.data_format, cfg.column_map, cfg.system_prompt, cfg.max_length,
                                  cfg.train_on_source)
     report.path = str(cfg.data_path)
@@ -218,18 +221,20 @@ def prepare_dataset(cfg: DataConfig, tokenizer, seed: int, *, max_bytes: int | N
 
 def inspect_file(path: str | Path, tokenizer=None, data_format: str = "auto", column_map: dict | None = None,
                  max_length: int = 512, system_prompt: str = "", train_on_source: bool = False,
-                 max_rows: int = 0, *, max_bytes: int | None = None, sample: int = 0) -> DataReport:
+                 max_rows: int = 0, *, max_bytes: int | None = None, sample: int = 0,
+                 source: Source | None = None) -> DataReport:
     """Everything the upload panel and `check-data` show about a file, without building the split.
 
     Raises DataError when the file cannot be read or its format told; rows that would be dropped are
     counted in the report instead (a file whose rows are all too long gives a report, not an error).
     Without a tokenizer there are no token statistics and no length check. `sample=N` looks at the first N
-    rows only, in memory and uncached (the upload preview's first answer); `report.sampled` says so.
+    rows only, in memory and uncached (the upload preview's first answer); `report.sampled` says so. `source`: a
+    Hub dataset or dataset folder with its subset, split and revision (sources.py); `path` names one otherwise.
     """
     if sample:
-        raw = sample_rows(path, min(sample, max_rows) if max_rows else sample, max_bytes=max_bytes)
+        raw = sample_rows(path, min(sample, max_rows) if max_rows else sample, max_bytes=max_bytes, source=source)
     else:
-        raw = load_rows(path, max_rows, max_bytes=max_bytes)
+        raw = load_rows(path, max_rows, max_bytes=max_bytes, source=source)
     settings, report = _settings(raw, data_format, column_map, system_prompt, max_length, train_on_source)
     report.path = str(path)
     report.sampled = bool(sample) and raw.meta["rows"] >= (min(sample, max_rows) if max_rows else sample)

@@ -37,6 +37,7 @@ class DataReport:
     preview_df: Any = field(default=None, repr=False)  # pandas DataFrame of the first raw rows
     broken: list[str] = field(default_factory=list)  # where each row that could not be read is ("line 7")
     sampled: bool = False  # counted on the file's first rows only (the upload preview's quick first answer)
+    origin: str = ""  # a Hub dataset or folder: what was read, at which commit ("hf://o/n [train] @ 1a2b3c4d5e")
 
     def stats(self) -> dict[str, float]:
         """min/mean/median/p95/max token length of the kept rows (empty without a tokenizer)."""
@@ -49,7 +50,7 @@ class DataReport:
 
     def summary(self) -> str:
         how = "detected" if self.detected else "chosen"
-        lines = [f"Format: {self.format} ({how})"]
+        lines = ([f"Dataset: {self.origin}"] if self.origin else []) + [f"Format: {self.format} ({how})"]
         split = f" ({self.n_train} train / {self.n_eval} eval)" if self.n_train or self.n_eval else ""
         lines.append(f"Rows: {self.rows_read} read, {self.rows_kept} kept{split}"
                      + (" (the first rows only; counting the whole file...)" if self.sampled else ""))

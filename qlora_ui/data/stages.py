@@ -35,6 +35,7 @@ from .formats import ColumnPlan, conversation_of
 from .reading import read_into
 from .render import encode_many
 from .sinks import ArrowSink, ListSink, Sink
+from .sources import Source, load_split, preview_rows, source_of
 
 PIPELINE_VERSION = "3"  # part of every cache key: bump when reading or encoding changes what a stage holds
 BATCH = 1000  # rows per map batch
@@ -143,8 +144,13 @@ def _meta_of(sink: Sink, key: str, digest: str) -> dict[str, Any]:
 
 
 def load_rows(path: str | Path, max_rows: int = 0, *, max_bytes: int | None = None,
-              on_progress: Callable[[float], None] | None = None) -> RawRows:
-    """The file's rows from the cache, or read into it (one streaming pass, then renamed into place)."""
+              on_progress: Callable[[float], None] | None = None, source: Source | None = None) -> RawRows:
+    """The file's rows from the cache, or read into it (one streaming pass, then renamed into place). A Hub
+    dataset or a dataset folder (`source`, or a path naming one) is opened through `datasets` (sources.py) and
+    its rows stored the same way."""
+    src = source if source is not None else source_of(str(path))
+    if src is not None:
+        return _load_source_rows(src, max_rows, max_bytes=max_bytes)
     p, kind, size = file_kind(path, max_bytes=max_bytes)
     digest = file_digest(p)
     key = _key("raw", digest, p.name, kind, int(max_rows or 0))
@@ -167,6 +173,48 @@ def load_rows(path: str | Path, max_rows: int = 0, *, max_bytes: int | None = No
                     raise
                 finally:
                     bar.close()
+                _publish(tmp, final)
+    _touch(final)
+    return RawRows(final, json.loads((final / "meta.json").read_text()))
+
+
+def _load_source_rows(src: Source, max_rows: int, *, max_bytes: int | None) -> RawRows:
+    """Stage 1 for a Hub dataset or a dataset folder: its split's rows into the same Arrow rows as a file's, keyed by
+    the commit (hub) or the files' sha256 (folder), so the format detection, report and token cache are shared."""
+    loaded = load_split(src, max_bytes=max_bytes)
+    ds = loaded.dataset
+    key = _key("raw", "source", src.kind, src.ref, src.config, src.split, loaded.revision, int(max_rows or 0))
+    root = data_cache_dir()
+    final = root / f"raw-{key}"
+    if not (final / "meta.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        with _lock(key):
+            if not (final / "meta.json").is_file():
+                _need_disk(root, int(loaded.size * 1.3) + 64 * 2**20, f"the prepared copy of {src.shown}")
+                tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir(parents=True)
+                try:
+                    sink = ArrowSink(tmp / "rows.arrow", src.shown, "dataset", max_rows)
+                    try:
+                        for batch in ds.with_format("arrow").iter(batch_size=BATCH):  # honours a select()
+                            for rec in batch.to_pylist():
+                                if sink.full:
+                                    break
+                                sink.add(f"row {sink.rows_seen + 1}", rec)
+                    finally:
+                        sink.close()
+                    if not sink.n:
+                        raise DataError(f"{src.shown} holds no rows. Pick another split or subset.")
+                    meta = _meta_of(sink, key, loaded.revision)
+                    # What the run's dataset.json records: where the rows came from, and a digest of the rows
+                    # themselves (the same rows always write the same Arrow bytes).
+                    meta.update(source={"kind": src.kind, "ref": src.ref, "config": src.config, "split": src.split},
+                                revision=loaded.revision,
+                                fingerprint=file_digest(tmp / "rows.arrow"))
+                    (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
                 _publish(tmp, final)
     _touch(final)
     return RawRows(final, json.loads((final / "meta.json").read_text()))
@@ -202,8 +250,16 @@ class _ReadProgress:
         self.bar.close()
 
 
-def sample_rows(path: str | Path, rows: int, *, max_bytes: int | None = None) -> RawRows:
-    """The first `rows` rows, in memory and uncached: what the upload preview shows within seconds."""
+def sample_rows(path: str | Path, rows: int, *, max_bytes: int | None = None, source: Source | None = None) -> RawRows:
+    """The first `rows` rows, in memory and uncached: what the upload preview shows within seconds (a Hub dataset's
+    streamed, before its download)."""
+    src = source if source is not None else source_of(str(path))
+    if src is not None:
+        sink = ListSink(src.shown, "dataset", rows)
+        for rec in preview_rows(src, rows):
+            sink.add(f"row {sink.rows_seen + 1}", rec)
+        meta = _meta_of(sink, "", "")
+        return RawRows(Path(), {**meta, "records": sink.records, "where": sink.where})
     sink = read_into(path, lambda name, kind: ListSink(name, kind, rows), max_bytes=max_bytes)
     meta = _meta_of(sink, "", "")
     return RawRows(Path(), {**meta, "records": sink.records, "where": sink.where})

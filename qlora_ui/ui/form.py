@@ -10,6 +10,7 @@ widget value differs from the config's: its special cases live here (`_from_widg
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 import typing
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from ..config import ConfigError, RunConfig, coerce, validate_fields
 LABELS = {
     "base_model": "Base model",
     "data_path": "Dataset file",
+    "data_config": "Subset (config)",
+    "data_revision": "Dataset revision",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha",
     "lora_dropout": "LoRA dropout",
@@ -49,6 +52,8 @@ API_ORDER = (
     "lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm", "gradient_checkpointing",
     "group_by_length", "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "padding_free",
     "labelled_head", "mixed_precision", "accelerate_config", "quant_storage",
+    "data_config", "data_split", "data_revision",
+    "init_adapter", "method", "beta",
 )
 
 # A field's own widget: a maker called as make(value=..., render=False), or options for the generated one.
@@ -129,6 +134,13 @@ class Form:
             self.components[k] = (own(value=value, render=False) if callable(own) else
                                   component_for(k, f, t, value, render=False, **own))
         self.keys = list(self.components)  # API order
+        # The dataset's second widget, beside the file box: a Hub id or a server folder, typed. Whichever is filled
+        # is the config's data_path (the typed one wins). Made after the fields: API clients' positions stay.
+        self.source_box = gr.Textbox(
+            label="Or a Hub dataset / dataset folder", value=self._source_text(self.get(self.initial, "data_path")),
+            placeholder="hf://owner/name (e.g. timdettmers/openassistant-guanaco), or a folder under --data-root",
+            info="Press Enter: its splits are listed and its first rows previewed before the download.",
+            max_lines=1, max_length=1024, elem_id="dataset-hub", render=False) if "data_path" in self.fields else None
         self.key_of = {c: k for k, c in self.components.items()}
         self._rendered: set[str] = set()
 
@@ -161,12 +173,12 @@ class Form:
     @property
     def inputs(self) -> set[gr.components.Component]:
         """As an event's inputs: the handler gets one `{component: value}` dict."""
-        return set(self.components.values())
+        return set(self.components.values()) | ({self.source_box} if self.source_box is not None else set())
 
     @property
     def outputs(self) -> list[gr.components.Component]:
         """As an event's outputs, in API order (a handler returns a dict keyed by component)."""
-        return list(self.components.values())
+        return list(self.components.values()) + ([self.source_box] if self.source_box is not None else [])
 
     def changes(self, *keys: str) -> list:
         return [self.components[k].change for k in keys]
@@ -195,6 +207,13 @@ class Form:
                 problems.append(f"{key}: {e}")
                 continue
             setattr(cfg if section is None else getattr(cfg, section), key, v)
+        typed = self.source_value(values.get(self.source_box)) if self.source_box in values else ""
+        if typed.startswith("hf://") or typed and Path(typed).expanduser().is_dir():
+            cfg.data.data_path = typed  # a folder is confined to --data-root by the Studio
+        elif typed:
+            # A typed file path would read any file on the server: files come through the upload (or the list).
+            problems.append(f"{self.source_box.label}: '{typed[:80]}' is neither a Hub dataset (owner/name) nor a "
+                            "dataset folder on the server. Upload a file with the button instead.")
         problems += validate_fields(cfg)  # range problems too, so one message lists everything
         if problems:
             raise ConfigError(problems)
@@ -205,6 +224,11 @@ class Form:
         dataset, or one the page cannot serve (a preset's, or a running job's, outside the app and temp folders)."""
         out = {c: self._to_widget(k, self.get(cfg, k)) for k, c in self.components.items()}
         path = self.get(cfg, "data_path") if "data_path" in self.components else None
+        if self.source_box is not None:
+            out[self.source_box] = self._source_text(path)
+            if out[self.source_box]:
+                out[self.components["data_path"]] = None  # a Hub id or folder is not a file the box can show
+                return out
         if keep_file and (not path or not _served(path)):
             out.pop(self.components["data_path"], None)
         return out
@@ -214,6 +238,22 @@ class Form:
         return {self.components[k]: v for k, v in items.items()}
 
     # ---- the one field whose widget value is not the config's ----
+    @staticmethod
+    def source_value(text: Any) -> str:
+        """The dataset source box's text as data_path: 'owner/name' or hf://owner/name -> hf://owner/name; a
+        path stays a path (the Studio confines it to --data-root)."""
+        s = str(text or "").strip()
+        if not s or s.startswith("hf://"):
+            return s
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", s) and not Path(s).exists():
+            return "hf://" + s
+        return s
+
+    @staticmethod
+    def _source_text(path: Any) -> str:
+        s = str(path or "")
+        return s if s.startswith("hf://") or (s and Path(s).is_dir()) else ""
+
     @staticmethod
     def _from_widget(key: str, v: Any) -> Any:
         if key == "data_path":

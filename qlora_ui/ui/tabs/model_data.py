@@ -40,6 +40,10 @@ def form_widgets(studio: Studio) -> dict[str, Any]:
         "allow_pickle": locked,
         "data_path": lambda **kw: gr.File(label="Dataset file (the preset's example until you upload yours)",
                                           file_types=UPLOAD_TYPES, type="filepath", elem_id="dataset-file", **kw),
+        # Filled with the dataset's own splits when a Hub id or folder is entered (typing one stays possible).
+        "data_split": lambda value=None, **kw: gr.Dropdown(
+            choices=[value] if value else [], value=value, allow_custom_value=True, label="Split",
+            info="The split to train on (Hub datasets and dataset folders).", elem_id="dataset-split", **kw),
     }
 
 
@@ -89,17 +93,20 @@ def inspect_upload(studio: Studio, cfg: RunConfig, sample: int = 0) -> tuple[str
     from the file's first rows only (seconds, whatever the file's size)."""
     import numpy as np
 
-    from ...data import inspect_file, segments_for_preview
+    from ...data import inspect_file, segments_for_preview, source_for
     from ...plots import length_histogram
 
     d = cfg.data
     if not d.data_path:
         return NO_FILE, None, None, ""
     studio.check_model(cfg.model)
+    studio.check_data(d)  # a Hub id must be allowed, a folder under --data-root, before anything is read
     tok = studio.tokenizer_for(cfg.model.base_model)
+    if cfg.training.method != "sft":
+        return preference_view(cfg, tok)
     rep = inspect_file(d.data_path, tokenizer=tok, data_format=d.data_format, column_map=d.column_map,
                        max_length=d.max_length, system_prompt=d.system_prompt, train_on_source=d.train_on_source,
-                       max_rows=d.max_rows, sample=sample)
+                       max_rows=d.max_rows, sample=sample, source=source_for(d))
     lengths = np.asarray(getattr(rep, "token_lengths", []))
     fig = length_histogram(lengths, d.max_length, over=rep.dropped.get("too_long", 0)) if len(lengths) else None
     example = ""
@@ -110,6 +117,32 @@ def inspect_upload(studio: Studio, cfg: RunConfig, sample: int = 0) -> tuple[str
     nxt = ("\n\n**Next:** open the **Train** tab and press **Start training** (the settings there are ready to "
            "go), or adjust the column mapping and options above first.")
     return pre_block(rep.summary()) + nxt, getattr(rep, "preview_df", None), fig, example
+
+
+def preference_view(cfg: RunConfig, tok) -> tuple[str, Any, Any, str]:
+    """A DPO / ORPO file: the counts and drops, the pair lengths, and one pair as the model sees it: the prompt, the
+    chosen and the rejected answer, each with its token count."""
+    import numpy as np
+
+    from ...data.preference import inspect_preferences
+    from ...plots import length_histogram
+
+    d = cfg.data
+    rep = inspect_preferences(d, tok, method=cfg.training.method)
+    lengths = np.asarray(rep.token_lengths)
+    fig = length_histogram(lengths, d.max_length, over=rep.dropped.get("too_long", 0)) if len(lengths) else None
+    example = ""
+    if rep.pair:
+        toks = rep.pair.get("tokens", {})
+        blocks = []
+        for key, label in (("prompt", "Prompt"), ("chosen", "Chosen (preferred)"), ("rejected", "Rejected")):
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in rep.pair[key])
+            cls = {"prompt": "qs-masked", "chosen": "qs-trained", "rejected": ""}[key]
+            blocks.append(f"<b>{label}</b> · {toks.get(key, '?')} tokens"
+                          f'<pre class="qs-example"><span class="{cls}">{html.escape(text)}</span></pre>')
+        example = '<div class="qs-pair">' + "".join(blocks) + "</div>"
+    nxt = (f"\n\n**Next:** open the **Train** tab (method **{cfg.training.method}**) and press **Start training**.")
+    return pre_block(rep.summary()) + nxt, None, fig, example
 
 
 def config_from(form: Form, values: dict) -> RunConfig:
@@ -147,7 +180,9 @@ def inspect_data_live(studio: Studio, form: Form, c: dict, values: dict, progres
     seconds, then the full counts (the reading and preparation bars show as progress; the result is cached)."""
     cfg = config_from(form, values)
     path = Path(cfg.data.data_path or "")
-    if cfg.data.data_path and path.is_file() and path.stat().st_size > QUICK_PREVIEW_BYTES:
+    # A Hub dataset shows its first rows, streamed, before the download (its progress shows meanwhile).
+    hub = cfg.data.data_path.startswith("hf://")
+    if hub or cfg.data.data_path and path.is_file() and path.stat().st_size > QUICK_PREVIEW_BYTES:
         try:
             studio.check_model(cfg.model)
             quant = quant_summary(cfg)
@@ -167,6 +202,24 @@ def use_server_file(studio: Studio, choice: str | None) -> Any:
         return str(studio.check_data_file(choice))
     except USER_ERRORS as e:
         raise user_error(e) from None
+
+
+def dataset_splits(studio: Studio, form: Form, values: dict) -> Any:
+    """The split picker's choices from the typed Hub id or folder (its own list), keeping a split it has."""
+    from ...data import source_for, split_names
+
+    cfg = config_from(form, values)
+    d = cfg.data
+    if not form.source_value(values.get(form.source_box)):
+        return gr.skip()
+    try:
+        studio.check_data(d)
+        splits = split_names(source_for(d))
+    except USER_ERRORS as e:
+        raise user_error(e) from None
+    if not splits:
+        return gr.skip()
+    return gr.update(choices=splits, value=d.data_split if d.data_split in splits else splits[0])
 
 
 def name_from_upload(path: Any) -> Any:
@@ -202,6 +255,10 @@ def build(studio: Studio, form: Form) -> dict[str, Any]:
                                                elem_id="dataset-server",
                                                info="Files in this app's --data-root folders, used where they lie.")
             form.render("data_path")
+            # A Hub dataset id or a dataset folder, typed beside the upload; its split picked from its own list.
+            with gr.Row():
+                form.source_box.render()
+                form.render("data_split", "data_config")
             with gr.Row():
                 form.render("data_format", "max_length")
             with gr.Accordion("Column mapping and options", open=False):
@@ -232,11 +289,18 @@ def wire(studio: Studio, form: Form, c: dict) -> None:
           **live, api_name="inspect_data")
     # The upload button and the --data-root list fill the file box; its change re-inspects, like an upload.
     name = dict(fn=name_from_upload, inputs=file_box, outputs=form["name"], api_name=False)
-    c["data_upload"].upload(lambda f: f, c["data_upload"], file_box, api_name=False).then(
+    # An uploaded file replaces a typed Hub id or folder (the typed one would otherwise win).
+    c["data_upload"].upload(lambda f: (f, ""), c["data_upload"], [file_box, form.source_box], api_name=False).then(
         **live, api_name=False).then(**name)
-    c["data_server"].change(lambda choice: use_server_file(studio, choice), c["data_server"], file_box,
-                            api_name=False).then(**live, api_name=False).then(**name)
+    c["data_server"].change(lambda choice: (use_server_file(studio, choice), gr.skip() if not choice else ""),
+                            c["data_server"], [file_box, form.source_box], api_name=False).then(
+        **live, api_name=False).then(**name)
     file_box.upload(**name)
+    # Enter in the source box: its splits, then the same inspection as an upload (first rows, then the whole).
+    source_box = form.source_box
+    source_box.submit(lambda v: dataset_splits(studio, form, v), form.inputs, form["data_split"],
+                      api_name=False).then(**live, api_name=False)
+    file_box.upload(lambda: "", None, source_box, api_name=False).then(**live, api_name=False)
 
 
 def page_load(studio: Studio, form: Form, c: dict, demo: gr.Blocks) -> None:

@@ -96,7 +96,7 @@ def run_details(studio: Studio, c: dict, run_name: str | None) -> dict:
 
     try:
         run = studio.open(run_name)
-        cfg = run.config()
+        cfg = run.reproducing_config()  # a Hub dataset pinned to the commit the run read: the same rows later
     except USER_ERRORS as e:
         raise user_error(e) from None
     s = run.summary()

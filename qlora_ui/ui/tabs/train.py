@@ -17,13 +17,15 @@ from ..form import Form, label_for
 from ..memory_panel import build_memory_panel, update_memory_panel
 
 LORA_ROWS = [["lora_r", "lora_alpha"], ["lora_dropout", "target_modules"], ["lora_init", "use_dora", "use_rslora"]]
-MAIN_ROWS = [["max_steps", "epochs", "batch_size"], ["grad_accum", "learning_rate", "processes"]]
+MAIN_ROWS = [["method", "beta"], ["max_steps", "epochs", "batch_size"],
+             ["grad_accum", "learning_rate", "processes"]]
 ADVANCED = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm", "gradient_checkpointing",
             "group_by_length", "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
             "padding_free", "labelled_head", "mixed_precision", "accelerate_config", "quant_storage"]
 # Settings that change the memory plan.
 MEMORY_KEYS = ["base_model", "lora_r", "batch_size", "processes", "max_length", "optimizer", "gradient_checkpointing",
-               "quant_type", "double_quant", "load_in_4bit", "compute_dtype", "accelerate_config", "quant_storage"]
+               "quant_type", "double_quant", "load_in_4bit", "compute_dtype", "accelerate_config", "quant_storage",
+               "method"]
 BATCH_KEYS = ["batch_size", "grad_accum", "processes"]
 
 POLL_EVERY_S = 3.0  # the Train tab's progress/log/chart refresh (see the timer below for why not faster)
