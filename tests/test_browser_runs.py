@@ -47,7 +47,7 @@ def test_empty_hint_several_runs_compared_and_delete_asks_first(browser, tmp_pat
 
         # The newest run is the one picked; its details show. Delete asks first, naming the run.
         newest = runs[-1]
-        page.wait_for_selector("text=Folder:", timeout=30_000)
+        page.wait_for_selector("#run-details:has-text('Folder:')", timeout=30_000)
         page.locator("#delete-btn").click()
         page.wait_for_selector(f"#delete-confirm:has-text('{newest.name}')", timeout=30_000)
         page.locator("#delete-no").click()
@@ -61,7 +61,7 @@ def test_empty_hint_several_runs_compared_and_delete_asks_first(browser, tmp_pat
         page.wait_for_function(f"!document.querySelector('#runs-table').innerText.includes('{newest.name}')",
                                timeout=30_000)
         wait_for(lambda: page.locator("#runs-one input").input_value() == "", 30, "the Run list to empty")
-        assert "Folder:" not in page.inner_text("body")
+        assert "Folder:" not in page.locator("#run-details").inner_text()
         assert all(r.path.is_dir() for r in runs[:-1])
     finally:
         proc.terminate()

@@ -120,7 +120,7 @@ def test_kill_9_of_the_app_mid_run_restart_and_resume_through_the_api(tiny_model
     proc, url = start_app(tmp_path, tiny_model_dir)
     try:
         client = Client(url, verbose=False)
-        table, _, _, resumable = client.predict(api_name="/list_runs")
+        table, *_, resumable = client.predict(api_name="/list_runs")
         assert [r[0] for r in table["data"]] == [run.name]
         assert table["data"][0][2] == "interrupted"
         choices = [c[0] if isinstance(c, (list, tuple)) else c for c in resumable["choices"]]

@@ -214,7 +214,7 @@ def test_phone_layout_fits_the_screen(browser, app):
     """390x844: nothing wider than the screen in the main column; Start within the first two screens."""
     shots = shots_dir(app["tmp"])
     page = open_page(browser, app["url"], PHONE)
-    for tab in ["Model & Data", "Train", "Chat", "Runs"]:
+    for tab in ["Model & Data", "Train", "Chat", "Runs", "Evaluate"]:
         page.get_by_role("tab", name=tab).click()
         time.sleep(1.5)
         width = page.evaluate("document.documentElement.scrollWidth")

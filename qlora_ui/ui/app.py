@@ -32,6 +32,8 @@ CSS = """
   .qs-pre, .qs-example { font-size: 12px; }
   .modebar-container { display: none !important; }
   #train-actions > * { min-width: 45% !important; }
+  /* Five tabs fit a 390 px screen with narrower padding; otherwise Gradio hides Runs and Evaluate in a menu. */
+  .tab-container > button { padding: 0 8px !important; }
   .qs-progress-head { font-size: 13px; }
 }
 .qs-msg { white-space: pre-wrap; margin-top: 6px; font-size: 13px; }

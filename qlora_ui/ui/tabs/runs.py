@@ -40,7 +40,7 @@ def build() -> dict[str, Any]:
         c["confirm_text"] = gr.Markdown()
         c["confirm_yes"] = gr.Button("Yes, delete it", variant="stop", scale=0, elem_id="delete-yes")
         c["confirm_no"] = gr.Button("Cancel", scale=0, elem_id="delete-no")
-    c["details"] = gr.Markdown()
+    c["details"] = gr.Markdown(elem_id="run-details")
     c["command"] = gr.Code(label="Reproduce with the CLI (from the app's folder)", language="shell",
                            interactive=False, wrap_lines=True)
     return c
