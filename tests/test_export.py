@@ -102,11 +102,17 @@ def test_gguf_q8_and_modelfile_from_the_cli(tiny_run, tmp_path, tokenizer):
 
     llm = LlamaCppProcess(gguf, n_ctx=256)
     llm.start()
+    sent = []
+    send = llm._send
+    llm._send = lambda msg: (sent.append(msg["op"]), send(msg))[1]
     try:
         assert llm.n_vocab == 49152
         text = "Ahoy matey, where be the treasure?"
         assert llm.call("tokenize", text=text, add_bos=False, special=True) == tokenizer.encode(
             text, add_special_tokens=False)
+        # A request answered in full is not abandoned: no cancel follows it (each `call` used to send one and
+        # wait 30 s for an end that a result never has).
+        assert sent == ["tokenize"]
     finally:
         llm.close()
 

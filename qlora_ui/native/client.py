@@ -172,9 +172,13 @@ class LlamaCppProcess:
                     if "error" in msg:
                         finished = True
                         raise RuntimeError(msg["error"])
+                    # Marked before the yield: a caller that stops at the last answer (`call`) closes this
+                    # generator there, and the request must not then count as abandoned (a cancel and a 30 s wait
+                    # for a `done` that a `result` never sends: every `call` took 30 s).
+                    last = bool(msg.get("done") or "result" in msg)
+                    finished = finished or last
                     yield msg
-                    if msg.get("done") or "result" in msg:
-                        finished = True
+                    if last:
                         return
             finally:
                 if not finished and self.alive():
