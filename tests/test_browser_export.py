@@ -70,9 +70,9 @@ def test_chat_follows_run_then_export_gguf_and_chat_through_llama_cpp(page_and_a
                            ".some(i => i.value.endsWith('.gguf'))", timeout=15_000)
     page.get_by_text("Generation settings").click()
     tokens = page.locator("#max-new-tokens input[type=number]")
-    tokens.fill("1024")
+    tokens.fill("256")  # long enough to stream in several updates; 1,024 cost a minute across the three replies
     tokens.press("Tab")
-    # Every length the reply shows on the page, seen by the page itself: a tiny model's 1,024 tokens come in about
+    # Every length the reply shows on the page, seen by the page itself: a tiny model's 256 tokens come in well under
     # a second, faster than polling from here could sample them.
     page.evaluate("""() => { window.qsLengths = new Set();
         new MutationObserver(() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');
