@@ -99,7 +99,7 @@ def secured(tmp_path_factory, tiny_model_dir, bundled_dir):
            "GRADIO_TEMP_DIR": str(tmp / "gradio-cache"), "TMPDIR": str(tmp / "tmp")}
     (tmp / "tmp").mkdir()
     proc, url = start_app(tmp, tiny_model_dir, "--auth-file", str(auth_file), "--max-file-size", f"{CAP}b",
-                          "--allowed-host", "studio.example.net", env_extra=env)
+                          "--allowed-host", "studio.example.net", "--allowed-datasets", "timdettmers/*", env_extra=env)
     log = next(tmp.glob("app-*.log"))
     yield dict(tmp=tmp, url=url, proc=proc, models=models, outside=outside, fake=fake, victim=victim, data=data,
                hub_marker=hub_marker, env=env, log=log)
@@ -517,6 +517,20 @@ def test_html_from_files_and_runs_shows_as_text(secured):
     assert fenced.startswith("<pre") and fenced.endswith("</pre>") and texts[1].count("</pre>") == 1, texts[1]
     assert "&lt;form" in texts[0] and "&lt;img" in texts[2]
     shutil.rmtree(run)
+
+
+@pytest.mark.slow
+def test_a_hub_dataset_the_app_may_not_download_is_refused_over_http(secured):
+    """Issue 30: with --allowed-datasets 'timdettmers/*', a request naming another Hub id starts nothing and
+    downloads nothing; the data panel says why."""
+    api = client(secured["url"])
+    before = run_dirs(secured["tmp"] / "runs")
+    vals = form(fast_cfg(secured["models"]["tiny"], "hf://someone/huge-crawl"))
+    with pytest.raises(AppError, match="not one this app may download"):
+        api.predict(*vals, api_name="/start_training")
+    summary = api.predict(*vals, api_name="/inspect_data")[0]
+    assert "not one this app may download" in summary and "allowed: timdettmers/" in summary, summary
+    assert run_dirs(secured["tmp"] / "runs") == before
 
 
 @pytest.mark.slow
