@@ -218,7 +218,9 @@ def leaderboard(studio: Studio, c: dict) -> dict:
              f"{sum(judge.games.values()) // 2 if judge else 0} judge's votes"
     agree = f" · judge agrees with people on {100 * rate:.0f}% of {n} shared battles' votes" if rate is not None else ""
     return {c["board"]: _board_rows(people), c["judge_board"]: _board_rows(judge),
-            c["plot"]: elo_figure({"people": people, "judge": judge}), c["win_rate"]: _matrix(people, "win_rate"),
+            # No votes yet: no chart (empty axes from -1 to 6 read as a broken plot).
+            c["plot"]: elo_figure({"people": people, "judge": judge}) if people or judge else None,
+            c["win_rate"]: _matrix(people, "win_rate"),
             c["pairs"]: _matrix(people, "pair_votes"), c["agreement"]: counts + agree}
 
 

@@ -51,8 +51,9 @@ def build() -> dict[str, Any]:
                             info="Names of lm-evaluation-harness tasks whose data is in this machine's Hugging Face "
                                  "cache (offline); comma-separated.")
     with gr.Row():
-        c["limit"] = gr.Number(label="Rows per task", value=None, precision=0, minimum=1, elem_id="bench-limit",
-                               info="Empty: every row. A few dozen give a quick first look.")
+        # 0 is "every row": Gradio shows an empty number box as 0, which a minimum of 1 painted as an error.
+        c["limit"] = gr.Number(label="Rows per task", value=0, precision=0, minimum=0, elem_id="bench-limit",
+                               info="0: every row. A few dozen give a quick first look.")
         c["fewshot"] = gr.Number(label="Few-shot examples", value=None, precision=0, minimum=0,
                                  elem_id="bench-fewshot", info="Empty: the task's default (MMLU: 5 in the paper).")
         # On by default: a run learns its replies inside the chat template, so that is where the example task
@@ -112,7 +113,8 @@ def start_benchmark(studio: Studio, c: dict, values: dict) -> dict:
         also = [studio.open(n) for n in v["also"] or [] if n != run.name]
         for r in [run, *also]:
             studio.check_model(r.config().model)
-        studio.benchmarks.start(EvalRequest(run, tasks, limit=v["limit"], num_fewshot=v["fewshot"], also=also,
+        limit = int(v["limit"] or 0) or None  # 0 or empty: every row
+        studio.benchmarks.start(EvalRequest(run, tasks, limit=limit, num_fewshot=v["fewshot"], also=also,
                                             chat_template=bool(v["chat_template"])))
     except USER_ERRORS as e:
         raise user_error(e) from None
