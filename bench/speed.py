@@ -3,6 +3,7 @@
     python bench/speed.py --quick          # 12 steps each (about 3 minutes on 2 CPU cores)
     python bench/speed.py                  # 30 steps each, the issue's setting
     python bench/speed.py --steps 20 --data my_alpaca.json --device cuda
+    python bench/speed.py --peer llamafactory   # LLaMA-Factory 0.9.5 as a third column (its own venv, cached)
 
 One invocation trains, each in its own subprocess (so neither's memory or threads leak into the other):
   (a) baseline: the way the common tools write it: NF4 + double quant through BitsAndBytesConfig,
@@ -10,7 +11,11 @@ One invocation trains, each in its own subprocess (so neither's memory or thread
       DataCollatorForSeq2Seq padding, bf16 autocast (also on CPU), gradient checkpointing;
   (b) ours: qlora_ui.training.TrainingJob (padding-free batches, labelled-positions head, bf16 autocast with
       frozen weights in bf16);
-on the same model, the same tokenized rows in the same order, and the same hyperparameters (rows per step,
+  (c) with --peer llamafactory: LLaMA-Factory 0.9.5 itself, installed into its own venv under the cache (never
+      into this project's), trained through its `run_exp` (what `llamafactory-cli train` calls) from a YAML
+      written with the same settings;
+on the same model, the same tokenized rows in the same order (the peer tokenizes the same alpaca file with its
+smollm2 template and draws its own order), and the same hyperparameters (rows per step,
 LoRA r/alpha/dropout, cutoff, lr and schedule, optimizer, clipping, checkpointing). It prints median s/step,
 non-padding tokens/s, peak RSS (peak GPU memory on a GPU), the loss of the last step, the ratios ours/baseline
 and whether each goal is met. Run it alone on the machine: two CPU-heavy jobs on 2 cores slow each other 15-30x.
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +44,9 @@ GOALS = {"tokens_per_s": (">=", 1.5), "peak_rss": ("<=", 1.0), "last_loss": ("wi
 BASELINE_DEFAULTS = {"batch": 4, "cutoff": 512, "r": 8, "alpha": 16, "dropout": 0.05, "lr": 2e-4,
                      "gradient_checkpointing": True}
 DEFAULTS_GOALS = {"tokens_per_s": (">=", 2.0), "peak_rss": ("<=", 1.0)}
+# Against LLaMA-Factory itself at the same settings (issue 28). Its loss is not compared: it tokenizes with its own
+# template and draws its own order.
+PEER_GOALS = {"tokens_per_s": (">=", 1.5), "peak_rss": ("<=", 0.9)}
 
 
 # ---------------------------------------------------------------- children
@@ -168,12 +177,88 @@ def run_ours(spec: dict) -> dict:
     return child_result(timer, t0[0])
 
 
+LLAMAFACTORY = "0.9.5"
+PEER_DIR = Path(os.environ.get("QLORA_STUDIO_CACHE", Path.home() / ".cache" / "qlora-studio")) / "peers"
+
+
+def llamafactory_yaml(spec: dict) -> dict:
+    """The peer's own YAML for the same settings (what a user would pass to `llamafactory-cli train`)."""
+    data_dir = Path(spec["workdir"]) / "llamafactory-data"
+    data_dir.mkdir(exist_ok=True)
+    shutil.copy(spec["data"], data_dir / "rows.json")
+    (data_dir / "dataset_info.json").write_text(json.dumps({"speed": {"file_name": "rows.json"}}))
+    return {
+        "model_name_or_path": spec["model"], "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_rank": spec["r"], "lora_alpha": spec["alpha"], "lora_dropout": spec["dropout"], "lora_target": "all",
+        "quantization_bit": 4, "quantization_method": "bnb", "quantization_type": "nf4",
+        "double_quantization": True, "dataset": "speed", "dataset_dir": str(data_dir), "template": "smollm2",
+        "cutoff_len": spec["cutoff"], "overwrite_cache": True, "output_dir": spec["workdir"] + "/llamafactory",
+        "overwrite_output_dir": True, "per_device_train_batch_size": spec["batch"],
+        "gradient_accumulation_steps": 1, "learning_rate": spec["lr"], "max_steps": spec["steps"],
+        "lr_scheduler_type": "cosine", "warmup_ratio": 0.0, "optim": "adamw_torch", "max_grad_norm": 1.0,
+        "bf16": True, "use_cpu": spec.get("device", "cpu") == "cpu", "seed": spec["seed"], "logging_steps": 1,
+        "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "dataloader_num_workers": 0,
+        "disable_gradient_checkpointing": not spec["gradient_checkpointing"],
+        "include_num_input_tokens_seen": "non_padding",
+    }
+
+
+def run_llamafactory(spec: dict) -> dict:
+    """Runs inside the peer's venv."""
+    from llamafactory.train.tuner import run_exp
+
+    args = llamafactory_yaml(spec)
+    (Path(spec["workdir"]) / "llamafactory.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n"
+                                                                    for k, v in args.items()))
+    timer, t0 = StepTimer(), [None]
+
+    class Start:
+        def __new__(cls):
+            from transformers import TrainerCallback
+
+            class _S(TrainerCallback):
+                def on_train_begin(self, *a, **k):
+                    t0[0] = time.perf_counter()
+            return _S()
+
+    run_exp(args, callbacks=[Start(), timer])
+    return child_result(timer, t0[0])
+
+
+def ensure_llamafactory() -> tuple[Path, dict]:
+    """LLaMA-Factory's own venv under the cache, made once: the same torch and bitsandbytes as this project's,
+    then llamafactory. Two things a CPU machine needs: PyPI's torchvision is built for CUDA torch and breaks
+    transformers' import (`torchvision::nms does not exist`), so it is removed (text SFT never uses it); and
+    LLaMA-Factory imports torchaudio at module level (for audio datasets only) while no torchaudio release loads
+    against this torch, so a stub module stands in for it on the peer's path."""
+    import bitsandbytes
+    import torch
+
+    venv = PEER_DIR / f"llamafactory-{LLAMAFACTORY}"
+    py = venv / "bin" / "python"
+    stubs = venv / "stubs"
+    if not (venv / ".ready").exists():
+        print(f"installing LLaMA-Factory {LLAMAFACTORY} into {venv} (once; a few minutes) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run(pip + [f"torch=={torch.__version__.split('+')[0]}",
+                              f"bitsandbytes=={bitsandbytes.__version__}", f"llamafactory=={LLAMAFACTORY}"],
+                       check=True)
+        subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"], check=True)
+        (stubs / "torchaudio").mkdir(parents=True, exist_ok=True)
+        (stubs / "torchaudio" / "__init__.py").write_text(
+            '"""Stand-in: LLaMA-Factory imports torchaudio for audio datasets only."""\n')
+        (venv / ".ready").write_text(LLAMAFACTORY + "\n")
+    return py, {"PYTHONPATH": str(stubs)}
+
+
 def child_main(which: str, spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
     torch.set_num_threads(spec["threads"])
-    res = run_baseline(spec) if which == "baseline" else run_ours(spec)
+    run = {"baseline": run_baseline, "ours": run_ours, "llamafactory": run_llamafactory}[which]
+    res = run(spec)
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -183,8 +268,12 @@ def run_child(which: str, spec: dict) -> dict:
     path = Path(spec["workdir"]) / f"spec-{which}.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    python = sys.executable
+    if which == "llamafactory":
+        python, extra = ensure_llamafactory()
+        env.update(extra)
     t0 = time.time()
-    p = subprocess.run([sys.executable, __file__, "--child", which, str(path)], capture_output=True, text=True,
+    p = subprocess.run([str(python), __file__, "--child", which, str(path)], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=3600)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
@@ -236,7 +325,8 @@ def train_flops_per_token(model: str) -> float:
     return 6 * per_layer * n_layers
 
 
-def table_md(base: dict, ours: dict, title: str, goals: dict | None = None, compare_loss: bool = True) -> str:
+def table_md(base: dict, ours: dict, title: str, goals: dict | None = None, compare_loss: bool = True,
+             base_name: str = "baseline") -> str:
     goals = goals or GOALS
     rows = [("median s/step", "median_s_per_step", None), ("non-padding tokens/s", "tokens_per_s", "tokens_per_s"),
             ("peak RSS GB", "peak_rss_gb", "peak_rss"), ("loss at the last step", "last_loss", "last_loss")]
@@ -254,7 +344,7 @@ def table_md(base: dict, ours: dict, title: str, goals: dict | None = None, comp
         ratio = o / b if b else None
         met = meets(ratio, *goals[goal]) if goal else ""
         body.append((label, f"{b:.3f}", f"{o:.3f}", f"{ratio:.2f}x", goal_text.get(goal, ""), met))
-    head = ["measure", "baseline", "ours", "ours / baseline", "goal", "met"]
+    head = ["measure", base_name, "ours", f"ours / {base_name}", "goal", "met"]
     return f"### {title}\n\n" + table(head, body, unmeasured="–")
 
 
@@ -269,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cutoff", type=int, default=512)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--peer", choices=["llamafactory"], help="also train with LLaMA-Factory 0.9.5 (installed once "
+                   "into its own venv under the cache) at the same settings: a third column")
+    p.add_argument("--skip-parts", action="store_true", help="no run per fast-path part switched off")
+    p.add_argument("--skip-defaults", action="store_true", help="no second table (each side's own defaults)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -298,28 +392,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline: {base['median_s_per_step']:.2f} s/step", flush=True)
         ours = run_child("ours", spec)
         print(f"ours: {ours['median_s_per_step']:.2f} s/step", flush=True)
+        peer = None
+        if args.peer:
+            peer = run_child(args.peer, {**spec, "device": args.device})
+            print(f"{args.peer}: {peer['median_s_per_step']:.2f} s/step", flush=True)
         parts = {}
         for name, off in [("without padding-free", {"padding_free": False}),
                           ("without the labelled-positions head", {"labelled_head": False}),
                           ("without mixed precision", {"mixed_precision": False})]:
-            if args.quick:
+            if args.quick or args.skip_parts:
                 break
             parts[name] = run_child("ours", {**spec, "ours": off})
             print(f"ours {name}: {parts[name]['median_s_per_step']:.2f} s/step", flush=True)
-        # Second table: each side as its user would start it, on the bundled pirate data.
-        pirate = PIRATE_DATA
-        (Path(work) / "pirate-rows.json").write_text(json.dumps(prepared_rows(pirate, model, 512, seed=42)))
-        base_spec = {**spec, **BASELINE_DEFAULTS, "data": str(pirate), "rows": str(Path(work) / "pirate-rows.json")}
-        base_def = run_child("baseline", base_spec)
-        print(f"baseline, its defaults: {base_def['median_s_per_step']:.2f} s/step", flush=True)
-        ours_def = run_child("ours", {**spec, "data": str(pirate), "preset": "cpu-quickstart"})
-        print(f"ours, cpu-quickstart: {ours_def['median_s_per_step']:.2f} s/step", flush=True)
+        base_def = ours_def = None
+        if not args.skip_defaults:  # second table: each side as its user would start it, on the pirate data
+            pirate = PIRATE_DATA
+            (Path(work) / "pirate-rows.json").write_text(json.dumps(prepared_rows(pirate, model, 512, seed=42)))
+            base_spec = {**spec, **BASELINE_DEFAULTS, "data": str(pirate),
+                         "rows": str(Path(work) / "pirate-rows.json")}
+            base_def = run_child("baseline", base_spec)
+            print(f"baseline, its defaults: {base_def['median_s_per_step']:.2f} s/step", flush=True)
+            ours_def = run_child("ours", {**spec, "data": str(pirate), "preset": "cpu-quickstart"})
+            print(f"ours, cpu-quickstart: {ours_def['median_s_per_step']:.2f} s/step", flush=True)
     print()
     print(table_md(base, ours, "Same hyperparameters: ours vs the plain Trainer + peft + bitsandbytes script"))
-    print()
-    print(table_md(base_def, ours_def, "Each side's defaults on the pirate data: ours (cpu-quickstart preset) vs the "
-                                    "plain script (" + ", ".join(f"{k} {v}" for k, v in BASELINE_DEFAULTS.items())
-                                    + ")", goals=DEFAULTS_GOALS, compare_loss=False))
+    if peer:
+        print()
+        print(table_md(peer, ours, "Same hyperparameters: ours vs LLaMA-Factory " + LLAMAFACTORY, goals=PEER_GOALS,
+                       compare_loss=False, base_name="LLaMA-Factory"))
+    if base_def:
+        print()
+        title = ("Each side's defaults on the pirate data: ours (cpu-quickstart preset) vs the plain script ("
+                 + ", ".join(f"{k} {v}" for k, v in BASELINE_DEFAULTS.items()) + ")")
+        print(table_md(base_def, ours_def, title, goals=DEFAULTS_GOALS, compare_loss=False))
     if parts:
         print("\n### Each part switched off (ours), tokens/s and peak RSS against the baseline\n")
         print("| ours | tokens/s | x baseline | peak RSS GB | x baseline |\n|---|---|---|---|---|")
@@ -334,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({ceiling['bf16']:.0f} GFLOP/s; fp32 {ceiling['fp32']:.0f}), the baseline "
           f"{100 * base['tokens_per_s'] * fpt / 1e9 / ceiling['bf16']:.0f}%.")
     if args.json:
-        Path(args.json).write_text(json.dumps({"baseline": base, "ours": ours, "parts": parts, "steps": steps,
+        Path(args.json).write_text(json.dumps({"baseline": base, "ours": ours, "peer": peer, "parts": parts,
+                                               "steps": steps,
                                                "baseline_defaults": base_def, "ours_defaults": ours_def,
                                                "ceiling_gflops": ceiling, "flops_per_token": fpt}, indent=1))
     return 0

@@ -47,10 +47,12 @@ def per_row_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     bounds = (starts if starts and starts[0] == 0 else [0] + starts) + [t]
     gqa = key.shape[1] != query.shape[1]
-    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                           dropout_p=dropout if module.training else 0.0, scale=scaling,
-                                           enable_gqa=gqa)
-            for a, b in zip(bounds, bounds[1:]) if b > a]
+    # split, not slices: a slice's backward writes its gradient into a zero tensor of the whole sequence (one per
+    # row, per q/k/v, per layer: fill_ and copy_ of the full length); split's backward is one cat.
+    sizes = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+    outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout if module.training else 0.0,
+                                           scale=scaling, enable_gqa=gqa)
+            for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))]
     import torch
 
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None

@@ -215,6 +215,15 @@ class TrainingJob:
             except Exception:  # noqa: BLE001 - a broken listener (closed UI) must not kill training
                 log.exception("listener failed on %s", event)
 
+    def _sharded(self) -> bool:
+        """FSDP / ZeRO-3 flatten the frozen weights into shards: the fused LoRA layers read them whole."""
+        name = self.cfg.training.accelerate_config
+        if not name or self.cfg.training.processes <= 1:
+            return False
+        from .accelerate_configs import SHARDED, strategy_of
+
+        return strategy_of(name) in SHARDED
+
     def _set_phase(self, phase: str) -> None:
         self.phase = phase
         log.info(phase)
@@ -276,25 +285,33 @@ class TrainingJob:
         if self.rank == 0:
             self.tboard = TensorBoardLog(self.run.path, resume_step=(step + 1) if self.resume else None)
 
-        self._set_phase("loading model")
+        # bitsandbytes quantizes each weight as it loads: the load is the quantizing step.
+        self._set_phase("loading model" + (f" and quantizing it to 4-bit {cfg.quantization.quant_type.upper()}"
+                                           if cfg.quantization.load_in_4bit else ""))
         from transformers import set_seed
 
         # get_peft_model draws the LoRA A init from torch's global RNG: seed it here, or two runs with one
         # seed in the same process (a UI session, a benchmark) start from different adapters.
         set_seed(tr.seed)
+        from .loftq import PHASE as loftq_phase
         from .modeling import resolve_init_adapter
 
         init = resolve_init_adapter(cfg.lora.init_adapter, cfg.runs_dir)
         if init is not None:
             log.info("starting from the adapter in %s", init)
-        loaded = load_for_training(cfg.model, cfg.quantization, cfg.lora, tr.gradient_checkpointing, init)
+        # LoftQ, if on, reports "LoftQ layer i/N" as phases; only while this job loads (a CLI run reuses the thread).
+        heard = loftq_phase.set(self._set_phase)
+        try:
+            loaded = load_for_training(cfg.model, cfg.quantization, cfg.lora, tr.gradient_checkpointing, init)
+        finally:
+            loftq_phase.reset(heard)
         self.footprint_bytes, self.load_seconds = loaded.footprint_bytes, loaded.load_seconds
         trainable, total = trainable_parameters(loaded.model)
         log.info("loaded %s in %.1f s: base footprint %.1f MB, trainable %d of %d parameters (%.2f%%)",
                  loaded.path, loaded.load_seconds, loaded.footprint_bytes / 1e6, trainable, total,
                  100 * trainable / max(total, 1))
 
-        self._set_phase("reading dataset")
+        self._set_phase("reading and tokenizing the dataset")
         if tr.method == "sft":
             prepared = prepare_dataset(cfg.data, loaded.tokenizer, seed=tr.seed)
         else:  # preference pairs (prompt / chosen / rejected message lists), rendered by TRL's trainer
@@ -378,6 +395,13 @@ class TrainingJob:
             if tr.padding_free and use_per_row_attention(loaded.model):
                 log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
             amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
+            if tr.fused_lora and amp and not self._sharded():
+                from .fused_lora import fuse_lora_layers
+
+                # Under gradient checkpointing the recompute's dequantized weight is kept for the backward that
+                # follows it at once; without it, keeping it would hold every layer's weight in 16 bits.
+                n = fuse_lora_layers(loaded.model, keep_weight=tr.gradient_checkpointing)
+                log.info("fused LoRA layers: %d", n)
             train_cls = trainer_class(tr.labelled_head, amp_dtype)
             trainer = train_cls(model=loaded.model, args=args, train_dataset=train_ds.remove_columns(["length"])
                                 if not tr.group_by_length else train_ds, eval_dataset=eval_ds, data_collator=collator,

@@ -21,7 +21,7 @@ MAIN_ROWS = [["method", "beta"], ["max_steps", "epochs", "batch_size"],
              ["grad_accum", "learning_rate", "processes"]]
 ADVANCED = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm", "gradient_checkpointing",
             "group_by_length", "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-            "padding_free", "labelled_head", "mixed_precision", "accelerate_config", "quant_storage"]
+            "padding_free", "labelled_head", "mixed_precision", "fused_lora", "accelerate_config", "quant_storage"]
 # Settings that change the memory plan.
 MEMORY_KEYS = ["base_model", "lora_r", "batch_size", "processes", "max_length", "optimizer", "gradient_checkpointing",
                "quant_type", "double_quant", "load_in_4bit", "compute_dtype", "accelerate_config", "quant_storage",
@@ -189,7 +189,11 @@ def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
     if seen is not None and tuple(seen[:4]) == key:
         return gr.skip()
     last = next((r for r in reversed(rows) if "loss" in r), {})
-    total = job.max_steps or st.get("max_steps") or 0
+    # The Trainer states max_steps only once it starts; a run with Max steps set knows it from the start ("step
+    # 0/60" while the model loads, not "0/?"). With epochs, N waits for the Trainer (it depends on the data).
+    cfg = getattr(job, "cfg", None)
+    planned = cfg.training.max_steps if cfg is not None and cfg.training.max_steps > 0 else 0
+    total = job.max_steps or st.get("max_steps") or planned
     msg = job.error_message if state == "failed" else (job.phase if state == "running" else st.get("message", ""))
     now = time.time()
     age = now - rows[-1]["time"] if rows and rows[-1].get("time") else None
