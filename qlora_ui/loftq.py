@@ -15,6 +15,7 @@ The saved adapter is plain PEFT: it loads on the same 4-bit base like any other.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ from .errors import LoftQError  # the error family's; importable from here as be
 
 log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
+# Who hears "LoftQ layer i/N" while apply_loftq runs (a training job's _set_phase): LoftQ takes minutes on a busy
+# machine, and the progress line said only "loading model". A context variable, set by the job in its own thread,
+# so the engine reports without a parameter through modeling.load_for_training and two jobs never hear each other.
+PHASE: contextvars.ContextVar = contextvars.ContextVar("loftq_phase", default=None)
 
 
 @dataclass
@@ -119,16 +124,21 @@ def apply_loftq(model, model_path: str | Path, adapter: str = "default") -> Loft
     layers = list(_lora_4bit_layers(model, adapter))
     if not layers:
         raise LoftQError("LoftQ found no 4-bit LoRA layer: it needs load_in_4bit on.")
+    say = PHASE.get() or (lambda phase: None)
+    n = len(layers)
+    say(f"LoftQ: reading the 16-bit weights of {n} layers")
     weights = SafetensorsWeights(model_path)
     on_gpu = next(model.parameters()).is_cuda
     if on_gpu:
+        say(f"LoftQ: {n} layers on the GPU (peft)")
         from peft.utils.loftq_utils import replace_lora_weights_loftq
 
         files = sorted(Path(model_path).glob("*.safetensors"))
         replace_lora_weights_loftq(model, model_path=str(files[0]) if len(files) == 1 else str(model_path),
                                    adapter_name=adapter)
     with torch.no_grad():
-        for name, module in layers:
+        for i, (name, module) in enumerate(layers, 1):
+            say(f"LoftQ layer {i}/{n} ({name})")
             lora_a, lora_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             w = weights.get(name + ".weight").to(lora_a.device, torch.float32)
             q = _dequantized(module.base_layer)

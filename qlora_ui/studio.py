@@ -29,8 +29,13 @@ class Studio:
                  presets_dir: str | Path | None = None, allow_remote_code: bool = False,
                  allowed_models: list[str] | None = None, chat_max_new_tokens: int | None = None,
                  chat_max_waiting: int = 32, chat_max_batch: int = 16, data_roots: list[str | Path] | None = None,
-                 allowed_datasets: list[str] | None = None):
+                 allowed_datasets: list[str] | None = None, shared: bool = True):
         from .config import PRESETS_DIR
+
+        # Whether strangers can reach this app (--share or a non-loopback --host): then server paths outside the
+        # app's folder are shown by their last part only. Hiding is the default, so a caller that does not say
+        # (an embedding, a test) never reveals the host's layout; app.py says False on loopback.
+        self.shared = shared
 
         self.presets_dir = Path(presets_dir) if presets_dir else PRESETS_DIR
         self.runs_dir = Path(runs_dir).resolve()
@@ -199,14 +204,15 @@ class Studio:
                                f"({', '.join(self.shown_path(r) for r in self.model_roots)}). Put the model in one "
                                "of them, or start the app with --model-root."])
 
-    @staticmethod
-    def shown_path(p: Path) -> str:
-        """A server path as users see it: relative to the app's folder when inside it, else its last part only
-        (absolute paths tell a stranger on a shared link how the host is laid out)."""
+    def shown_path(self, p: Path) -> str:
+        """A server path as users see it: relative to the app's folder when inside it (runnable from there), else
+        absolute on a local app (its user sits at this machine: a cut path can be neither copied nor opened), else
+        its last part only (absolute paths tell a stranger on a shared link how the host is laid out)."""
+        full = Path(p).resolve()
         try:
-            return str(Path(p).resolve().relative_to(Path.cwd()))
+            return str(full.relative_to(Path.cwd()))
         except ValueError:
-            return f".../{Path(p).name}"
+            return f".../{full.name}" if self.shared else str(full)
 
     def tokenizer_for(self, base_model: str):
         """Tokenizers are small and slow to build: cache one per base model for the data preview."""

@@ -349,6 +349,46 @@ def test_memory_panel_updates_for_every_preset():
     assert fig is None and "No memory estimate" in md
 
 
+def test_memory_panel_shows_the_parts_behind_each_total():
+    """Issue 24, newcomer item 8: "QLoRA 3.98 GB vs 16-bit LoRA 3.53 GB vs full 3.39 GB" beside "saves 37%" read
+    as QLoRA costing the most. The panel splits each total into weights / activations / trainable state and says
+    what the saving is about and what dominates, with the estimate's own numbers."""
+    import re
+
+    from qlora_ui.ui.memory_panel import update_memory_panel
+
+    cfg = load_preset("cpu-quickstart")
+    assert cfg.model.base_model == BUNDLED_MODEL
+    plan = plan_for_config(cfg)
+    _, md = update_memory_panel(cfg)
+    b = {m: {p: v / memory.GB for p, v in parts.items()} for m, parts in plan.breakdown.items()}
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in memory.METHODS.values():
+            rows[cells[0]] = [float(c.removesuffix(" GB")) for c in cells[1:]]
+    assert set(rows) == {memory.METHODS[m] for m in ("qlora", "lora_16bit", "full_finetune")}, md
+    for m in ("qlora", "lora_16bit", "full_finetune"):
+        weights, act, trainable, total = rows[memory.METHODS[m]]
+        assert weights == pytest.approx(b[m]["weights"] + b[m]["quant_constants"], abs=0.006)
+        assert act == pytest.approx(b[m]["activations"], abs=0.006)
+        assert trainable == pytest.approx(b[m]["adapter"] + b[m]["gradients"] + b[m]["optimizer"], abs=0.006)
+        assert total == pytest.approx(plan.total_gb(m), abs=0.006)
+        assert weights + act + trainable == pytest.approx(total, abs=0.02)
+    # The saving is stated as a saving on the weights, in GB and as a share of them, not of the total.
+    saved = b["lora_16bit"]["weights"] - b["qlora"]["weights"] - b["qlora"]["quant_constants"]
+    m = re.search(r"4-bit saves \*\*([0-9.]+) GB on the base weights\*\* \((\d+)% of them\)", md)
+    assert m, md
+    assert float(m.group(1)) == pytest.approx(saved, abs=0.006)
+    assert int(m.group(2)) == round(100 * saved / b["lora_16bit"]["weights"])
+    # On the bundled model activations dominate, and the text says so and why QLoRA's total is the larger.
+    assert b["qlora"]["activations"] > plan.total_gb("qlora") / 2
+    assert "activations dominate" in md and "outweighs the weight saving on this model" in md
+    # A 7B model at 512 tokens: QLoRA's total is the smaller, so no "outweighs" sentence.
+    _, md7 = update_memory_panel(load_preset("gpu-7b-24gb"), preset="gpu-7b-24gb")
+    assert "4-bit saves **" in md7 and "outweighs" not in md7
+
+
 def test_memory_panel_builds_components():
     import gradio as gr
 

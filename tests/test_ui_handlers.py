@@ -115,6 +115,41 @@ def test_one_training_per_app_and_poll_reattaches(studio, tiny_model_dir):
     assert not run.path.exists()
 
 
+def test_start_up_phases_show_on_the_progress_line_with_step_0_of_n(studio, tiny_model_dir):
+    """Issue 24, newcomer item 5: LoftQ set-up ran minutes under "loading model · step 0/?". Every start-up phase
+    (loading and quantizing, LoftQ layer i/N, tokenizing) is the progress line's message in turn, and the step
+    count names Max steps from the start."""
+    import re
+
+    phases: list[str] = []
+    cfg = tiny(tiny_model_dir, max_steps=3, lora_init="loftq", lora_r=4, lora_alpha=8)
+    train.start_training(studio, FORM, values_for(cfg))
+    job = studio.job
+    first = train.poll_training(studio, C, None)["progress"]
+    # Each phase as the Train tab shows it: poll while the job starts (a phase lasts well over the poll interval
+    # on a loaded machine, and the run log below keeps every one in case a poll misses some).
+    deadline = time.time() + 300
+    while job.alive and time.time() < deadline:
+        out = train.poll_training(studio, C, None)
+        msg = re.search(r'class="qs-msg">([^<]*)<', out["progress"]) if not is_skip(out) else None
+        if msg and (not phases or phases[-1] != msg.group(1)):
+            phases.append(msg.group(1))
+        time.sleep(0.1)
+    assert job.wait(60) == "finished", job.error_message
+    # While the model still loads, the count is "0/3", not "0/?".
+    assert re.search(r"step <b>\d+/3</b>", first), first
+    said = job.run.log_path.read_text()
+    first_layer = re.search(r"LoftQ layer 1/(\d+)", said)
+    assert first_layer, said[-2000:]
+    n = int(first_layer.group(1))
+    order = ["loading model and quantizing it to 4-bit NF4", "LoftQ: reading the 16-bit weights",
+             *(f"LoftQ layer {i}/{n} " for i in range(1, n + 1)), "reading and tokenizing the dataset", "training"]
+    at = [said.find(p) for p in order]
+    assert all(a >= 0 for a in at) and at == sorted(at), list(zip(order, at))
+    # The progress line itself showed the phases (more than loading and training), not only the log.
+    assert any(p.startswith("LoftQ") or "tokenizing" in p for p in phases), phases
+
+
 def test_run_names_cannot_escape_the_runs_dir(studio, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -140,6 +175,28 @@ def test_typed_model_paths_are_confined_to_model_roots(studio, tmp_path):
         studio.check_model_path(str(tmp_path))
     with pytest.raises(ConfigError):
         studio.check_model_path("/etc")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_run_folder_is_shown_in_full_on_a_local_app_and_cut_on_a_shared_one(tmp_path, tiny_model_dir, shared):
+    """Issue 24, newcomer item 9: a runs folder outside the app's folder showed as ".../<run>" even on loopback,
+    which can be neither copied nor opened. A local app shows the absolute path; a shared one still hides the
+    host's layout from strangers; inside the app's folder the path stays relative (runnable from there)."""
+    from pathlib import Path
+
+    from qlora_ui.runs import create_run
+
+    studio = Studio(tmp_path / "runs", model_roots=[tiny_model_dir], shared=shared)
+    assert not studio.runs_dir.is_relative_to(Path.cwd())  # the case the issue hit: --runs-dir elsewhere
+    run = create_run(tiny(tiny_model_dir, runs_dir=str(studio.runs_dir), name="capitals"))
+    details = runs.run_details(studio, C, run.name)["details"]
+    folder = details.split("Folder: ", 1)[1].split(" · ", 1)[0].replace("\\", "")
+    if shared:
+        assert folder == f".../{run.path.name}" and str(tmp_path) not in details, details
+    else:
+        assert folder == str(run.path.resolve()) and Path(folder).is_dir(), details
+    inside = Path.cwd() / "runs" / "x"
+    assert studio.shown_path(inside) == str(Path("runs") / "x")
 
 
 def test_presets_fill_the_form_and_save_as_preset(tmp_path, tiny_model_dir):

@@ -13,7 +13,8 @@ from ...resume_rules import resumable_runs
 from ...studio import Studio
 from ..feedback import USER_ERRORS, md_text, user_error
 
-RUN_COLUMNS = ["name", "model", "status", "step", "final_loss", "eval_loss", "created"]
+# The columns a reader scans first come first: a phone shows only these four (ui/app.py's CSS).
+RUN_COLUMNS = ["name", "status", "step", "final_loss", "eval_loss", "model", "created"]
 COMPARE_PRESELECT = 4  # newest runs drawn together on page load
 
 
@@ -100,7 +101,10 @@ def run_details(studio: Studio, c: dict, run_name: str | None) -> dict:
     except USER_ERRORS as e:
         raise user_error(e) from None
     s = run.summary()
+    # Model, eval loss and creation time too: a phone's Runs table shows only name, status, step and final loss.
+    ev = "-" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}"
     details = (f"**{md_text(run.name)}** · {md_text(s['status'])} · step {s['step']} · {md_text(s['message'])}  \n"
+               f"Model: {md_text(s['model'])} · eval loss {ev} · created {s['created']}  \n"
                f"Folder: {md_text(studio.shown_path(run.path))} · adapter: {'yes' if s['adapter'] else 'not yet'}")
     zip_path = str(run.adapter_zip()) if run.has_adapter() else None
     # Runnable as written from the app's folder: the venv's python, paths relative to it, wrapped.
