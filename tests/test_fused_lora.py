@@ -11,8 +11,14 @@ from qlora_ui.batching import frozen_to_compute_dtype, labelled_loss, make_colla
 from qlora_ui.config import RunConfig
 from qlora_ui.fused_lora import FusedLoRALinear, fuse_lora_layers, fused_calls
 from qlora_ui.modeling import load_for_training
+from tests.fault_helpers import write_rows
 from tests.test_batching import rows
-from tests.test_training import data_file, tiny_cfg  # noqa: F401  (data_file is a fixture)
+from tests.test_training import tiny_cfg
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    return write_rows(tmp_path / "train.jsonl")
 
 
 def load(tiny_model_dir, checkpointing: bool, dropout: float = 0.0, bits: int = 4):
