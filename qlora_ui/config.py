@@ -138,6 +138,9 @@ class TrainConfig:
                                 "compute_dtype, on CPU too, and keep frozen weights in it. Off = fp32.")
     fused_lora: bool = fld(True, "Run each LoRA layer and its frozen (4-bit) weight as one fused forward and "
                            "backward (with mixed precision). Same loss; off = peft's own layers.")
+    checkpoint_cache_mb: int = fld(256, "With gradient checkpointing and fused LoRA layers: keep up to this many MB "
+                                   "of layer outputs from the forward, so the recompute skips their matmuls. Same "
+                                   "loss; 0 = recompute everything.", min=0, max=1_000_000, step=64)
     seed: int = fld(42, "Random seed for data order, LoRA init and dropout.", min=0, max=2**31 - 1, step=1)
     logging_steps: int = fld(1, "Log metrics every N steps.", min=1, max=10_000, step=1)
     eval_steps: int = fld(20, "Compute eval loss every N steps (0 = only at the end).", min=0, max=100_000,

@@ -16,6 +16,12 @@ With gradient checkpointing, the dequantized weight of the recompute is kept for
 once (one layer's weights alive at a time) instead of being dequantized a third time; without checkpointing it is
 dequantized again in the backward, as bitsandbytes does, so the whole model is never held in 16-bit.
 
+Under gradient checkpointing a layer's matmuls run twice: in the forward, and again in the recompute just before
+its backward. `RecomputeCache` keeps the fused layers' outputs from the forward, up to a byte budget
+(`checkpoint_cache_mb`), and the recompute takes them instead of multiplying again: the same values (the
+computation is deterministic and the weights do not change within a step), with what is kept bounded by the budget.
+Norms, rotary embeddings and attention are still recomputed.
+
 Used only where it is exact and simple: training mode, bf16/fp16 autocast on (the engine's mixed precision), one
 active plain LoRA adapter (no DoRA or other variants, not merged, no per-row adapter names), a weight not repacked
 for CPU inference. Anything else takes peft's own forward.
@@ -41,6 +47,50 @@ def _dequantized(weight, dtype):
     return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
 
 
+class RecomputeCache:
+    """Fused layers' outputs from the forward under gradient checkpointing, for the recompute that comes before
+    each layer's backward. The forward runs outside the autograd engine and the recompute inside it (in backward),
+    which is how the two are told apart. At most `budget` bytes are kept: the first layers of a step fill it."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used, self.entries, self.sizes = budget_bytes, 0, {}, {}
+        self.hits = 0
+
+    @staticmethod
+    def in_recompute() -> bool:
+        import torch
+
+        return torch._C._current_graph_task_id() != -1
+
+    def _drop(self, module) -> None:
+        self.entries.pop(module, None)
+        self.used -= self.sizes.pop(module, 0)
+
+    def fits(self, module, shape, out_features: int, element_size: int) -> bool:
+        """Reserve room for this layer's output in this forward (what a forward left for a recompute that never
+        ran, a stopped step's, is dropped first)."""
+        self._drop(module)
+        size = out_features * element_size
+        for n in shape[:-1]:
+            size *= n
+        if self.used + size > self.budget:
+            return False
+        self.sizes[module] = size
+        self.used += size
+        return True
+
+    def put(self, module, y) -> None:
+        self.entries[module] = y.detach()
+
+    def take(self, module, shape):
+        y = self.entries.get(module)
+        self._drop(module)
+        if y is None or y.shape[:-1] != shape[:-1]:
+            return None
+        self.hits += 1
+        return y
+
+
 class FusedLoRALinear:
     """Namespace for the autograd function (built lazily so importing this module does not import torch)."""
 
@@ -58,20 +108,29 @@ def _make_function():
 
     class _FusedLoRALinear(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, keep_weight: bool, dtype):
-            # x: (..., in); x_lora: the adapter's input (x after dropout), or None when it is x itself.
+        def forward(ctx, x, x_lora, weight, bias, lora_a, lora_b, scaling: float, keep_weight: bool, dtype,
+                    cached: list):
+            # x: (..., in); x_lora: the adapter's input (x after dropout), or None when it is x itself. cached:
+            # [this layer's output from the forward] in a recompute that has it, else [None] (a list, so autograd
+            # does not take it for an input).
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1]).to(dtype)
-            w = _dequantized(weight, dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
+            a = lora_a.to(dtype)
             xa = xl2 @ a.t()
-            y = x2 @ w.t()
-            y.addmm_(xa, b.t(), alpha=scaling)
-            if bias is not None:
-                y += bias.to(dtype)
+            w = None
+            if cached[0] is not None:
+                y = cached[0].reshape(-1, cached[0].shape[-1])
+            else:
+                w = _dequantized(weight, dtype)
+                y = x2 @ w.t()
+                y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
+                if bias is not None:
+                    y += bias.to(dtype)
+            # What is saved must not depend on the cache: a forward that filled it and the recompute that takes it
+            # both save no weight (checkpointing compares the two).
             ctx.save_for_backward(x2, xl2 if x_lora is not None else None, xa, lora_a, lora_b,
-                                  w if keep_weight else None)
+                                  w if keep_weight and not cached[1] else None)
             ctx.weight, ctx.scaling, ctx.dtype, ctx.shape = weight, scaling, dtype, shape
             ctx.has_bias, ctx.separate_lora_input = bias is not None, x_lora is not None
             return y.reshape(*shape[:-1], y.shape[-1])
@@ -100,7 +159,7 @@ def _make_function():
             da = (gb.t() @ xl2).mul_(s).to(lora_a.dtype) if ctx.needs_input_grad[4] else None
             db = (g.t() @ xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[5] else None
             dbias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-            return dx, dxl, None, dbias, da, db, None, None, None
+            return dx, dxl, None, dbias, da, db, None, None, None, None
 
     return _FusedLoRALinear
 
@@ -122,16 +181,29 @@ def _fused_forward(self, x, *args, **kwargs):
     dropout = self.lora_dropout[name]
     x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
     self._qlora_studio_calls += 1
-    return FusedLoRALinear.fn().apply(
+    dtype = torch.get_autocast_dtype(device_type)
+    cache = self._qlora_studio_cache
+    # [cached output or None, whether this layer's output is (or was) in the cache]
+    cached = [None, False]
+    if cache is not None and cache.in_recompute():
+        cached[0] = cache.take(self, x.shape)
+        cached[1] = cached[0] is not None
+    elif cache is not None:
+        cached[1] = cache.fits(self, x.shape, self.get_base_layer().out_features, dtype.itemsize)
+    y = FusedLoRALinear.fn().apply(
         x, x_lora, weight, self.get_base_layer().bias, self.lora_A[name].weight, self.lora_B[name].weight,
-        float(self.scaling[name]), self._qlora_studio_keep_weight, torch.get_autocast_dtype(device_type))
+        float(self.scaling[name]), self._qlora_studio_keep_weight, dtype, cached)
+    if cached[1] and cached[0] is None:
+        cache.put(self, y)
+    return y
 
 
-def fuse_lora_layers(model, keep_weight: bool) -> int:
+def fuse_lora_layers(model, keep_weight: bool, cache: RecomputeCache | None = None) -> int:
     """Switch every plain LoRA linear layer of a peft model (over a 4-bit or a 16-bit linear) to the fused
     forward. `keep_weight`: keep the dequantized weight from forward to backward — only right under gradient
     checkpointing, where the forward that keeps it is the recompute run just before that layer's backward.
-    Returns the number of layers switched."""
+    `cache`: under gradient checkpointing, outputs the recompute takes instead of recomputing (one cache for the
+    model). Returns the number of layers switched."""
     import torch
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -148,6 +220,7 @@ def fuse_lora_layers(model, keep_weight: bool) -> int:
             continue
         module._qlora_studio_peft_forward = module.forward
         module._qlora_studio_keep_weight = keep_weight
+        module._qlora_studio_cache = cache
         module._qlora_studio_calls = 0
         module.forward = types.MethodType(_fused_forward, module)
         setattr(module, _IN_USE, True)

@@ -396,12 +396,15 @@ class TrainingJob:
                 log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
             amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
             if tr.fused_lora and amp and not self._sharded():
-                from .fused_lora import fuse_lora_layers
+                from .fused_lora import RecomputeCache, fuse_lora_layers
 
                 # Under gradient checkpointing the recompute's dequantized weight is kept for the backward that
                 # follows it at once; without it, keeping it would hold every layer's weight in 16 bits.
-                n = fuse_lora_layers(loaded.model, keep_weight=tr.gradient_checkpointing)
-                log.info("fused LoRA layers: %d", n)
+                cache = (RecomputeCache(tr.checkpoint_cache_mb * 2**20)
+                         if tr.gradient_checkpointing and tr.checkpoint_cache_mb > 0 else None)
+                n = fuse_lora_layers(loaded.model, keep_weight=tr.gradient_checkpointing, cache=cache)
+                log.info("fused LoRA layers: %d%s", n, f"; recompute cache {tr.checkpoint_cache_mb} MB" if cache
+                         else "")
             train_cls = trainer_class(tr.labelled_head, amp_dtype)
             trainer = train_cls(model=loaded.model, args=args, train_dataset=train_ds.remove_columns(["length"])
                                 if not tr.group_by_length else train_ds, eval_dataset=eval_ds, data_collator=collator,

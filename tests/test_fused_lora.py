@@ -9,7 +9,7 @@ import torch
 
 from qlora_ui.batching import frozen_to_compute_dtype, labelled_loss, make_collator, use_per_row_attention
 from qlora_ui.config import RunConfig
-from qlora_ui.fused_lora import FusedLoRALinear, fuse_lora_layers, fused_calls
+from qlora_ui.fused_lora import FusedLoRALinear, RecomputeCache, fuse_lora_layers, fused_calls
 from qlora_ui.modeling import load_for_training
 from tests.fault_helpers import write_rows
 from tests.test_batching import rows
@@ -106,13 +106,14 @@ def test_a_job_trains_through_the_fused_layers(tiny_model_dir, data_file, tmp_pa
     """A job that fell back to peft's layers would train just the same: spy on the function itself."""
     from qlora_ui.jobs import create_job
 
-    applied = []
+    applied, from_cache = [], []
     real = FusedLoRALinear.fn()
 
     class Spy:
         @staticmethod
         def apply(*args):
             applied.append(args[7])  # keep_weight
+            from_cache.append(args[9][0] is not None)  # the recompute took the forward's output
             return real.apply(*args)
 
     monkeypatch.setattr(FusedLoRALinear, "_fn", Spy)
@@ -122,6 +123,8 @@ def test_a_job_trains_through_the_fused_layers(tiny_model_dir, data_file, tmp_pa
     job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
     assert applied and all(applied)  # under checkpointing the recompute's weight is kept for the backward
+    # The default 256 MB holds every output of the tiny model: each recompute takes them all.
+    assert cfg.training.checkpoint_cache_mb == 256 and sum(from_cache) == len(applied) // 2
     applied.clear()
     off = tiny_cfg(tiny_model_dir, data_file, tmp_path / "off", max_steps=1, eval_fraction=0.0, save_steps=100,
                    fused_lora=False)
@@ -154,3 +157,30 @@ def test_the_fused_layer_is_as_close_to_the_fp32_step_as_peft_s_bf16_layers(tiny
     loss, grads = step(fused, tokenizer)
     assert abs(loss - exact_loss.item()) <= 3 * abs(peft_loss - exact_loss.item()) + 1e-4 * abs(exact_loss.item())
     assert worst(grads) <= 1.3 * worst(peft_grads)
+
+
+@pytest.mark.parametrize("budget", ["all", "part"])
+def test_the_recompute_takes_the_forward_s_outputs_and_gives_the_same_gradients(tiny_model_dir, tokenizer, budget):
+    """Under gradient checkpointing with a recompute cache: the recompute takes the layers' outputs from the forward
+    instead of multiplying again (every layer when the budget holds them all; the first layers when it holds
+    part), the loss and gradients are those of the fused layers without a cache (bit for bit: the same
+    computation), and nothing is left in the cache after the step."""
+    ref, cached = pair(tiny_model_dir, True)
+    fuse_lora_layers(ref, keep_weight=True)
+    n = sum(1 for name, _ in cached.named_modules() if name.endswith("lora_A"))
+    tokens = sum(len(r["input_ids"]) for r in rows())
+    # The tiny model's layers: q/k/v/o 64 wide, gate/up/down 128/128/64; bf16 outputs.
+    per_step = sum(m.get_base_layer().out_features for name, m in cached.named_modules()
+                   if name.endswith(("_proj",)) and hasattr(m, "get_base_layer")) * tokens * 2
+    cache = RecomputeCache(per_step if budget == "all" else per_step // 2)
+    fuse_lora_layers(cached, keep_weight=True, cache=cache)
+    ref_loss, ref_grads = step(ref, tokenizer)
+    loss, grads = step(cached, tokenizer)
+    hits = cache.hits
+    assert hits == n if budget == "all" else 0 < hits < n
+    assert cache.entries == {} and cache.used == 0
+    assert loss == ref_loss
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), name
+    loss2, _ = step(cached, tokenizer)  # a second step: the cache fills and empties again
+    assert cache.hits == 2 * hits and loss2 == ref_loss and cache.used == 0

@@ -53,7 +53,7 @@ API_ORDER = (
     "group_by_length", "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "padding_free",
     "labelled_head", "mixed_precision", "accelerate_config", "quant_storage",
     "data_config", "data_split", "data_revision",
-    "init_adapter", "method", "beta", "fused_lora",
+    "init_adapter", "method", "beta", "fused_lora", "checkpoint_cache_mb",
 )
 
 # A field's own widget: a maker called as make(value=..., render=False), or options for the generated one.

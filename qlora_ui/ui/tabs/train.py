@@ -21,7 +21,8 @@ MAIN_ROWS = [["method", "beta"], ["max_steps", "epochs", "batch_size"],
              ["grad_accum", "learning_rate", "processes"]]
 ADVANCED = ["lr_scheduler", "warmup_ratio", "optimizer", "weight_decay", "max_grad_norm", "gradient_checkpointing",
             "group_by_length", "seed", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-            "padding_free", "labelled_head", "mixed_precision", "fused_lora", "accelerate_config", "quant_storage"]
+            "padding_free", "labelled_head", "mixed_precision", "fused_lora", "checkpoint_cache_mb",
+            "accelerate_config", "quant_storage"]
 # Settings that change the memory plan.
 MEMORY_KEYS = ["base_model", "lora_r", "batch_size", "processes", "max_length", "optimizer", "gradient_checkpointing",
                "quant_type", "double_quant", "load_in_4bit", "compute_dtype", "accelerate_config", "quant_storage",
