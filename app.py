@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "repeatable). Requests naming any other host are refused, so a web page cannot reach the "
                         "app by re-pointing its own name at this machine (DNS rebinding). Loopback names, "
                         "numeric addresses, the --host name and the share link's host are always accepted.")
+    p.add_argument("--login-failures-per-address", type=int, default=20, metavar="N",
+                   help="Failed sign-ins one client address may make within 5 minutes, whatever user names it "
+                        "tries; then every sign-in from it is refused for 30 s, doubling up to 10 minutes "
+                        "(default 20; 0 turns this off). Behind a proxy on this machine (the share link, a reverse "
+                        "proxy) the address it names in X-Forwarded-For counts; where it names none, every client "
+                        "behind it shares one count.")
     p.add_argument("--runs-dir", default="runs", help="Folder holding the run folders (default ./runs).")
     p.add_argument("--model-root", action="append", default=[], metavar="DIR",
                    help="Folder whose model subfolders the app may load (repeatable). Default ./models.")
@@ -56,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "'timdettmers/*'). Default: any on loopback, none with --share or a non-local --host. Local "
                         "dataset folders are governed by --data-root; sizes by --max-data-size.")
     p.add_argument("--chat-max-new-tokens", type=int, default=None, metavar="N",
-                   help="Longest chat reply in tokens, whatever the form asks (default: 256 with --share or a "
-                        "non-local --host, else the form's own limit).")
+                   help="Longest chat reply in tokens, whatever the form asks (default: 256 with --share, a "
+                        "non-local --host or a login (--auth, --auth-file), else the form's own limit).")
     p.add_argument("--chat-max-waiting", type=int, default=32, metavar="N",
                    help="Chat requests that may wait for the model at once; more are refused with a message "
                         "(default 32).")
@@ -139,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.login_failures_per_address < 0:
+        print(f"error: --login-failures-per-address {args.login_failures_per_address} is negative; give a count "
+              "of failed sign-ins (20 by default), or 0 to turn the per-address limit off.", file=sys.stderr)
+        return 2
     problem = check_exposure(args, auth)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -166,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     shared = args.share or not is_loopback(args.host)
     studio = Studio(args.runs_dir, model_roots=roots, allow_remote_code=args.allow_remote_code,
                     allowed_models=args.allowed_models,
-                    chat_max_new_tokens=args.chat_max_new_tokens or (256 if shared else None),
+                    # A login means more than one person shares the model, loopback or not: cap each reply
+                    # so one client's 1,024-token replies cannot hold the batch for everyone else.
+                    chat_max_new_tokens=args.chat_max_new_tokens or (256 if shared or auth else None),
                     chat_max_waiting=args.chat_max_waiting, chat_max_batch=args.chat_max_batch,
                     data_roots=args.data_root,
                     # A stranger on a shared link must not fill this disk with any dataset of the Hub.
                     allowed_datasets=args.allowed_datasets if args.allowed_datasets is not None else
-                    ([] if shared else None))
+                    ([] if shared else None),
+                    # Full paths on a local app; a stranger on a shared one sees only a path's last part.
+                    shared=shared)
     if studio.data_roots:
         import gradio as gr
 
@@ -186,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     from urllib.parse import urlsplit
 
     from qlora_ui.api import mount
-    from qlora_ui.webguard import LoginThrottle, ServedHosts, install_same_origin_guard
+    from qlora_ui.webguard import AddressThrottle, LoginThrottle, ServedHosts, install_same_origin_guard
 
     hosts = ServedHosts(served_host_names(args))
+    per_address = (AddressThrottle(args.login_failures_per_address)
+                   if auth and args.login_failures_per_address > 0 else None)
 
     @contextlib.asynccontextmanager
     async def before_serving(app):
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         # reach it), while the page already answered.
         # The OpenAI-compatible API on the same server (port, share link); its keys, not the login, open it.
         mount(app, studio, api_keys, exposed=shared)
-        install_same_origin_guard(app, hosts)
+        install_same_origin_guard(app, hosts, login_throttle=per_address)
         yield
 
     launch = dict(server_name=args.host, server_port=args.port, auth=LoginThrottle(auth) if auth else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import threading
@@ -108,6 +109,12 @@ class LoginThrottle:
             with self._lock:
                 table.pop(key, None)
             return True
+        self.failed(username)
+        return False
+
+    def failed(self, username: str) -> None:
+        """Count one failed attempt for `username` (a user name, or AddressThrottle's client address)."""
+        table, key = self._table_key(username)
         now = time.time()
         with self._lock:
             state = table.pop(key, None) or _Failures()
@@ -124,7 +131,43 @@ class LoginThrottle:
             if table is self._unknown:
                 while len(self._unknown) > self.max_unknown:
                     self._unknown.popitem(last=False)
-        return False
+
+
+class AddressThrottle(LoginThrottle):
+    """Failed sign-ins counted per client address, whatever user names they try: after `max_failures` (20 by
+    default) within `window_s`, every sign-in from that address is refused for `lockout_s`, doubling on each
+    further failure up to `max_lockout_s`. Beside the per-name LoginThrottle: that one cannot stop one client
+    guessing across many names, and this one keeps a guesser from locking out name after name at full speed.
+
+    A lockout refuses the right password too: were it let through, "429" would mean "wrong" and the guessing
+    would go on unslowed. A successful sign-in does not clear the count either (one known account would
+    otherwise reset it between guesses); failures simply age out of the window. Addresses live in the inherited
+    table of at most `max_unknown` digests, evicting only among themselves: the users' own lockouts are kept in
+    LoginThrottle, apart."""
+
+    def __init__(self, max_failures: int = 20, **kw):
+        super().__init__([], max_failures=max_failures, **kw)
+
+    @staticmethod
+    def client_key(scope: dict, headers: dict[str, str]) -> str:
+        """The address a request counts against. A connection from this machine itself is a proxy on it (Gradio's
+        share tunnel, a reverse proxy): the nearest hop it names in X-Forwarded-For (the rightmost: the one it
+        added) is the client, where it names one. From any other peer the header is the client's own word, so
+        it is ignored. An IPv6 client counts by its /64 (one subscriber's network hands out 2^64 addresses)."""
+        peer = (scope.get("client") or ("?", 0))[0] or "?"
+        try:
+            if ipaddress.ip_address(peer).is_loopback:
+                forwarded = headers.get("x-forwarded-for", "").split(",")[-1].strip()
+                peer = forwarded or peer
+        except ValueError:
+            pass
+        try:
+            ip = ipaddress.ip_address(peer.strip("[]"))
+        except ValueError:
+            return peer[:64]
+        if ip.version == 6 and not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
 
 
 class KeyThrottle(LoginThrottle):
@@ -241,10 +284,13 @@ class SameOriginGuard:
     - an `Origin` other than the app's own scheme, host and port (403), before Gradio's CORS layer can grant it
       (Gradio grants any origin, with credentials, whenever the app is reached by a name other than localhost).
     Also turns Gradio's `SameSite=None` login cookie into `SameSite=Lax`, so other sites' pages do not send it
-    at all."""
+    at all, and counts failed sign-ins per client address (`login_throttle`, an AddressThrottle): Gradio hands
+    its `auth=` callable the name and password only, never the request, so the address is seen here."""
 
-    def __init__(self, app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = ()):
+    def __init__(self, app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = (),
+                 login_throttle: AddressThrottle | None = None):
         self.app = app
+        self.login_throttle = login_throttle
         # Kept by reference when it is a ServedHosts: the share link's host joins it once the tunnel is up.
         self.allowed_hosts = allowed_hosts if isinstance(allowed_hosts, ServedHosts) else ServedHosts(allowed_hosts)
 
@@ -283,6 +329,10 @@ class SameOriginGuard:
             await send(message)
 
         path = scope.get("path") or "/"
+        if (self.login_throttle is not None and scope["type"] == "http" and scope.get("method") == "POST"
+                and path.rstrip("/").endswith("/login")):
+            await self._login(scope, receive, lax_cookies, headers)
+            return
         if scope["type"] == "http" and scope.get("method") == "GET":
             if path.rstrip("/").endswith("/logout") and headers.get("sec-fetch-site") in ("cross-site", "same-site"):
                 # Gradio's /logout is a GET that ends every session of the user: another site's link (a top-level
@@ -294,6 +344,29 @@ class SameOriginGuard:
                 await self._page_without_api_info(scope, receive, lax_cookies)
                 return
         await self.app(scope, receive, lax_cookies)
+
+    async def _login(self, scope, receive, send, headers: dict[str, str]) -> None:
+        """Gradio's sign-in, refused while the client's address is locked out, its failures (400) counted."""
+        throttle = self.login_throttle
+        key = throttle.client_key(scope, headers)
+        wait = throttle.locked_for(key)
+        if wait > 0:
+            log.warning("sign-in refused: too many failures from one address (%.0f s left)", wait)
+            # As JSON {"detail": ...}, the shape of Gradio's own sign-in errors and of the per-name lockout.
+            body = json.dumps({"detail": f"Too many failed sign-ins from your address. Try again in "
+                                         f"{int(wait) + 1} s."}).encode()
+            await send({"type": "http.response.start", "status": 429, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(int(wait) + 1).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                throttle.failed(key)  # Gradio's "Incorrect credentials."
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
     async def _page_without_api_info(self, scope, receive, send):
         """Gradio's login page (at / and at /gradio_api/runs) embeds the whole API description (every endpoint, its
@@ -321,9 +394,10 @@ class SameOriginGuard:
         await self.app(scope, receive, collect)
 
 
-def install_same_origin_guard(app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = ()) -> None:
+def install_same_origin_guard(app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = (),
+                              login_throttle: AddressThrottle | None = None) -> None:
     """Put SameOriginGuard outside every middleware Gradio added. Gradio builds its app inside launch(), so this
     runs from the app's lifespan start (app.py): after Gradio's middleware, before the first connection.
     Starlette rebuilds its middleware stack on the next request."""
     app.middleware_stack = None
-    app.add_middleware(SameOriginGuard, allowed_hosts=allowed_hosts)
+    app.add_middleware(SameOriginGuard, allowed_hosts=allowed_hosts, login_throttle=login_throttle)

@@ -37,6 +37,9 @@ class DataReport:
     preview_df: Any = field(default=None, repr=False)  # pandas DataFrame of the first raw rows
     broken: list[str] = field(default_factory=list)  # where each row that could not be read is ("line 7")
     sampled: bool = False  # counted on the file's first rows only (the upload preview's quick first answer)
+    # What `sampled` says after the counts; the data panel's bounded inspection, which is not followed by a count
+    # of the whole file, says so instead.
+    sampled_note: str = " (the first rows only; counting the whole file...)"
     origin: str = ""  # a Hub dataset or folder: what was read, at which commit ("hf://o/n [train] @ 1a2b3c4d5e")
 
     def stats(self) -> dict[str, float]:
@@ -53,7 +56,7 @@ class DataReport:
         lines = ([f"Dataset: {self.origin}"] if self.origin else []) + [f"Format: {self.format} ({how})"]
         split = f" ({self.n_train} train / {self.n_eval} eval)" if self.n_train or self.n_eval else ""
         lines.append(f"Rows: {self.rows_read} read, {self.rows_kept} kept{split}"
-                     + (" (the first rows only; counting the whole file...)" if self.sampled else ""))
+                     + (self.sampled_note if self.sampled else ""))
         if self.dropped:
             parts = ", ".join(f"{n} {r}" for r, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
             lines.append(f"Dropped: {parts}")

@@ -21,6 +21,12 @@ UPLOAD_TYPES = [".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt"]
 NO_FILE = "Upload a dataset file (CSV, JSON, JSONL, Parquet or TXT)."
 QUICK_PREVIEW_BYTES = 8 * 2**20  # files bigger than this show a preview from their first rows first
 PREVIEW_SAMPLE_ROWS = 2000
+# The data panel reads at most this many rows of a file (about 3 s on 2 busy cores): a Parquet file packs 200,000
+# rows into 2 KB, and counting them all held the one inspection lane, and every other user's inspection, for
+# minutes. The whole file is read when training starts.
+INSPECT_MAX_ROWS = 10_000
+BOUNDED_NOTE = (f" (the first {INSPECT_MAX_ROWS:,} rows only: the panel reads no more; training reads the whole "
+                "file)")
 # Settings that change what the preview shows (with the file box and the column map).
 PREVIEW_KEYS = ["data_format", "max_length", "train_on_source", "system_prompt", "base_model", "max_rows",
                 "load_in_4bit", "quant_type", "double_quant", "compute_dtype"]
@@ -72,9 +78,11 @@ def quant_summary(cfg: RunConfig) -> str:
     if not q.load_in_4bit:
         line = "4-bit is off: this trains 16-bit LoRA on a bf16/fp32 base (no quantization saving). "
     from ...evidence import quantization_evidence
+    from ..memory_panel import method_comparison
 
-    return line + (f"Training total: QLoRA {js['qlora_gb']:.2f} GB vs 16-bit LoRA {js['lora_16bit_gb']:.2f} GB vs "
-                   f"full fine-tuning {js['full_finetune_gb']:.2f} GB. {quantization_evidence()}")
+    # Totals alone read as "QLoRA costs the most" on a small model; the parts show what 4-bit saves and what
+    # dominates (issue 24, newcomer item 8).
+    return line + "\n\n" + method_comparison(plan) + "\n\n" + quantization_evidence()
 
 
 def segments_html(segments: list[tuple[str, bool]]) -> str:
@@ -90,7 +98,8 @@ def segments_html(segments: list[tuple[str, bool]]) -> str:
 
 def inspect_upload(studio: Studio, cfg: RunConfig, sample: int = 0) -> tuple[str, Any, Any, str]:
     """(summary markdown, preview dataframe, histogram, example html) for the dataset in `cfg`; with `sample`,
-    from the file's first rows only (seconds, whatever the file's size)."""
+    from the file's first rows only (seconds, whatever the file's size). Without, a file is read up to
+    INSPECT_MAX_ROWS rows; a Hub dataset or dataset folder whole (the operator allowed it)."""
     import numpy as np
 
     from ...data import inspect_file, segments_for_preview, source_for
@@ -102,11 +111,14 @@ def inspect_upload(studio: Studio, cfg: RunConfig, sample: int = 0) -> tuple[str
     studio.check_model(cfg.model)
     studio.check_data(d)  # a Hub id must be allowed, a folder under --data-root, before anything is read
     tok = studio.tokenizer_for(cfg.model.base_model)
+    bounded = not sample and source_for(d) is None
     if cfg.training.method != "sft":
-        return preference_view(cfg, tok)
+        return preference_view(cfg, tok, bounded)
     rep = inspect_file(d.data_path, tokenizer=tok, data_format=d.data_format, column_map=d.column_map,
                        max_length=d.max_length, system_prompt=d.system_prompt, train_on_source=d.train_on_source,
-                       max_rows=d.max_rows, sample=sample, source=source_for(d))
+                       max_rows=d.max_rows, sample=INSPECT_MAX_ROWS if bounded else sample, source=source_for(d))
+    if bounded:
+        rep.sampled_note = BOUNDED_NOTE
     lengths = np.asarray(getattr(rep, "token_lengths", []))
     fig = length_histogram(lengths, d.max_length, over=rep.dropped.get("too_long", 0)) if len(lengths) else None
     example = ""
@@ -119,16 +131,22 @@ def inspect_upload(studio: Studio, cfg: RunConfig, sample: int = 0) -> tuple[str
     return pre_block(rep.summary()) + nxt, getattr(rep, "preview_df", None), fig, example
 
 
-def preference_view(cfg: RunConfig, tok) -> tuple[str, Any, Any, str]:
+def preference_view(cfg: RunConfig, tok, bounded: bool = False) -> tuple[str, Any, Any, str]:
     """A DPO / ORPO file: the counts and drops, the pair lengths, and one pair as the model sees it: the prompt, the
-    chosen and the rejected answer, each with its token count."""
+    chosen and the rejected answer, each with its token count. `bounded`: its first INSPECT_MAX_ROWS rows only."""
+    import dataclasses
+
     import numpy as np
 
     from ...data.preference import inspect_preferences
     from ...plots import length_histogram
 
     d = cfg.data
+    if bounded and not 0 < d.max_rows <= INSPECT_MAX_ROWS:
+        d = dataclasses.replace(d, max_rows=INSPECT_MAX_ROWS)
     rep = inspect_preferences(d, tok, method=cfg.training.method)
+    if bounded and d is not cfg.data and rep.rows_read >= INSPECT_MAX_ROWS:
+        rep.sampled, rep.sampled_note = True, BOUNDED_NOTE
     lengths = np.asarray(rep.token_lengths)
     fig = length_histogram(lengths, d.max_length, over=rep.dropped.get("too_long", 0)) if len(lengths) else None
     example = ""
