@@ -399,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = {}
         for name, off in [("without padding-free", {"padding_free": False}),
                           ("without the labelled-positions head", {"labelled_head": False}),
-                          ("without mixed precision", {"mixed_precision": False})]:
+                          ("without mixed precision", {"mixed_precision": False}),
+                          ("without fused LoRA layers", {"fused_lora": False}),
+                          ("without the recompute cache", {"checkpoint_cache_mb": 0})]:
             if args.quick or args.skip_parts:
                 break
             parts[name] = run_child("ours", {**spec, "ours": off})

@@ -30,13 +30,39 @@ def make_collator(tokenizer, padding_free: bool):
 
 
 PER_ROW_ATTENTION = "qlora_studio_per_row_sdpa"
+# Rows up to this many tokens take the matmul attention under gradient checkpointing (see causal_matmul_attention).
+MATMUL_ATTENTION_MAX_ROW = 256
+
+
+def causal_matmul_attention(query, key, value, scaling=None):
+    """Causal attention of one row as two batched matmuls and a softmax, for short rows on a CPU. PyTorch's CPU
+    flash-attention kernel is built for long sequences: on rows of 64-128 tokens (9 heads of 64) its forward and
+    backward took 1.8x the time of this, on 256 1.07x, on 512 1.0x and on 1,024 0.3x (bench/attention.py), and
+    attention was a quarter of a training step. The price is the (heads x tokens x tokens) probabilities kept for
+    the backward, so it is used where that is small: rows of at most MATMUL_ATTENTION_MAX_ROW tokens under
+    gradient checkpointing, which keeps one layer's at a time.
+    Grouped-query heads are matched to their key/value head without copying the keys (query heads j*g..j*g+g-1
+    share key head j, as transformers' repeat_kv lays them out). The softmax runs in fp32."""
+    import torch
+
+    _, heads, t, d = query.shape
+    kv = key.shape[1]
+    g = heads // kv
+    scale = scaling if scaling is not None else d ** -0.5
+    scores = torch.matmul(query.reshape(kv, g * t, d), key[0].transpose(-1, -2))  # (kv, g*t, t)
+    scores = scores.view(kv, g, t, t).float() * scale
+    scores.masked_fill_(torch.ones(t, t, dtype=torch.bool, device=query.device).triu_(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs.view(kv, g * t, t), value[0])  # (kv, g*t, d)
+    return out.view(1, heads, t, d)
 
 
 def per_row_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kw):
     """Attention for a packed batch, one row at a time. Packing makes every linear layer run on one long
     sequence with no padding, but plain sdpa then attends over the whole packed length with a block mask:
     (sum of row lengths)^2 instead of the sum of each row's length^2, which took half of a CPU step (measured:
-    1.9 of 3.8 s). Rows are found where position_ids restart at 0; each gets causal sdpa on its own."""
+    1.9 of 3.8 s). Rows are found where position_ids restart at 0; each gets causal attention of its own: sdpa,
+    or for short rows under gradient checkpointing the matmul form (causal_matmul_attention)."""
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -47,20 +73,23 @@ def per_row_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     bounds = (starts if starts and starts[0] == 0 else [0] + starts) + [t]
     gqa = key.shape[1] != query.shape[1]
+    drop = dropout if module.training else 0.0
+    matmul_upto = getattr(module, "_qlora_studio_matmul_rows_upto", 0) if drop == 0.0 else 0
     # split, not slices: a slice's backward writes its gradient into a zero tensor of the whole sequence (one per
     # row, per q/k/v, per layer: fill_ and copy_ of the full length); split's backward is one cat.
     sizes = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
-    outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout if module.training else 0.0,
-                                           scale=scaling, enable_gqa=gqa)
+    outs = [causal_matmul_attention(q, k, v, scaling) if q.shape[2] <= matmul_upto else
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=scaling, enable_gqa=gqa)
             for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))]
     import torch
 
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def use_per_row_attention(model) -> bool:
+def use_per_row_attention(model, matmul_rows_upto: int = 0) -> bool:
     """Switch a (peft-wrapped) model that uses sdpa to per-row attention for packed batches. Other attention
-    implementations (flash-attention's varlen path on GPUs) already handle packing well: left as they are."""
+    implementations (flash-attention's varlen path on GPUs) already handle packing well: left as they are.
+    `matmul_rows_upto`: rows up to this length take causal_matmul_attention (0: sdpa for every row)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -71,6 +100,9 @@ def use_per_row_attention(model) -> bool:
     # No mask is built for packed rows (per_row_sdpa finds them from position_ids); with padding it falls back.
     AttentionMaskInterface.register(PER_ROW_ATTENTION, flash_attention_mask)
     base.set_attn_implementation(PER_ROW_ATTENTION)
+    for module in base.modules():
+        if type(module).__name__.endswith("Attention"):
+            module._qlora_studio_matmul_rows_upto = matmul_rows_upto
     return True
 
 

@@ -332,7 +332,13 @@ class TrainingJob:
 
         import torch
 
-        from .batching import frozen_to_compute_dtype, make_collator, trainer_class, use_per_row_attention
+        from .batching import (
+            MATMUL_ATTENTION_MAX_ROW,
+            frozen_to_compute_dtype,
+            make_collator,
+            trainer_class,
+            use_per_row_attention,
+        )
 
         on_gpu = torch.cuda.is_available()
         dtype = cfg.quantization.compute_dtype
@@ -392,7 +398,9 @@ class TrainingJob:
         else:
             args = TrainingArguments(**args_kw)
             collator = make_collator(loaded.tokenizer, tr.padding_free)
-            if tr.padding_free and use_per_row_attention(loaded.model):
+            # Short rows take the matmul attention where its probabilities are kept one layer at a time.
+            matmul_upto = MATMUL_ATTENTION_MAX_ROW if tr.gradient_checkpointing else 0
+            if tr.padding_free and use_per_row_attention(loaded.model, matmul_upto):
                 log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
             amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
             if tr.fused_lora and amp and not self._sharded():

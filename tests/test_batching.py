@@ -128,3 +128,56 @@ def test_bf16_autocast_with_bf16_frozen_weights_matches_the_fp32_step(tiny_model
     # Measured: loss 4e-5 relative, the worst LoRA gradient 1.2e-2 relative (bf16 has 8 bits of mantissa).
     assert loss.item() == pytest.approx(ref_loss, rel=1e-3)
     assert max(errs.values()) <= 3e-2, max(errs.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.parametrize("kv_heads", [3, 9], ids=["grouped-query", "multi-head"])
+def test_the_matmul_attention_gives_sdpa_s_output_and_gradients(kv_heads):
+    """causal_matmul_attention (short rows under gradient checkpointing) against PyTorch's causal sdpa, fp32: the
+    same output and q/k/v gradients to rounding, grouped-query heads matched to their key/value head."""
+    import torch.nn.functional as F
+
+    from qlora_ui.batching import causal_matmul_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 9, 37, 16, requires_grad=True)
+    k = torch.randn(1, kv_heads, 37, 16, requires_grad=True)
+    v = torch.randn(1, kv_heads, 37, 16, requires_grad=True)
+    g = torch.randn(1, 9, 37, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 9)
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    out = causal_matmul_attention(q, k, v)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    assert float((out - ref).norm() / ref.norm()) < 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_short_rows_take_the_matmul_attention_and_long_rows_sdpa(model, tokenizer, monkeypatch):
+    """With a row limit, packed rows up to it go through causal_matmul_attention and longer ones through sdpa;
+    the loss and gradients stay those of sdpa for every row."""
+    from qlora_ui import batching
+
+    dtype, m = model
+    loss_and_grads(m, tokenizer, False, False)  # plain sdpa, whatever an earlier test left
+    ref_loss, ref = loss_and_grads(m, tokenizer, True, True, per_row=True)
+    calls = []
+    real = batching.causal_matmul_attention
+    monkeypatch.setattr(batching, "causal_matmul_attention", lambda q, *a: calls.append(q.shape[2]) or real(q, *a))
+    attention = [mod for mod in m.modules() if type(mod).__name__.endswith("Attention")]
+    assert attention and all(mod._qlora_studio_matmul_rows_upto == 0 for mod in attention)
+    for mod in attention:
+        mod._qlora_studio_matmul_rows_upto = 11
+    m.zero_grad(set_to_none=True)
+    batch = make_collator(tokenizer, True)([dict(r) for r in rows()])
+    loss = labelled_loss(m, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    for mod in attention:
+        mod._qlora_studio_matmul_rows_upto = 0
+    loss_and_grads(m, tokenizer, False, False)  # back to plain sdpa for the next test
+    layers = m.get_base_model().config.num_hidden_layers
+    assert sorted(calls) == sorted([7, 11] * layers)  # the rows of 7 and 11 tokens; the one of 15 took sdpa
+    tol = 1e-5 if dtype == "fp32" else 3e-3
+    assert loss.item() == pytest.approx(ref_loss, rel=tol)
+    for n, g in ref.items():
+        assert float((grads[n] - g).norm()) <= tol * float(g.norm()), n

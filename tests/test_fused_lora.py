@@ -102,7 +102,8 @@ def test_the_fused_layer_steps_aside_where_it_would_not_be_exact(tiny_model_dir,
     assert fused_calls(fused) > 0
 
 
-def test_a_job_trains_through_the_fused_layers(tiny_model_dir, data_file, tmp_path, monkeypatch):
+def test_a_job_trains_through_the_fused_layers_and_the_matmul_attention(tiny_model_dir, data_file, tmp_path,
+                                                                        monkeypatch):
     """A job that fell back to peft's layers would train just the same: spy on the function itself."""
     from qlora_ui.jobs import create_job
 
@@ -117,6 +118,12 @@ def test_a_job_trains_through_the_fused_layers(tiny_model_dir, data_file, tmp_pa
             return real.apply(*args)
 
     monkeypatch.setattr(FusedLoRALinear, "_fn", Spy)
+    from qlora_ui import batching
+
+    matmul_rows = []
+    real_attention = batching.causal_matmul_attention
+    monkeypatch.setattr(batching, "causal_matmul_attention",
+                        lambda q, *a: matmul_rows.append(q.shape[2]) or real_attention(q, *a))
     cfg = tiny_cfg(tiny_model_dir, data_file, tmp_path, max_steps=2, eval_fraction=0.0, save_steps=100,
                    gradient_checkpointing=True)
     assert cfg.training.fused_lora
@@ -125,6 +132,8 @@ def test_a_job_trains_through_the_fused_layers(tiny_model_dir, data_file, tmp_pa
     assert applied and all(applied)  # under checkpointing the recompute's weight is kept for the backward
     # The default 256 MB holds every output of the tiny model: each recompute takes them all.
     assert cfg.training.checkpoint_cache_mb == 256 and sum(from_cache) == len(applied) // 2
+    # Rows of at most 128 tokens under checkpointing: attention in the matmul form, forward and recompute.
+    assert matmul_rows and max(matmul_rows) <= batching.MATMUL_ATTENTION_MAX_ROW
     applied.clear()
     off = tiny_cfg(tiny_model_dir, data_file, tmp_path / "off", max_steps=1, eval_fraction=0.0, save_steps=100,
                    fused_lora=False)
