@@ -106,6 +106,9 @@ class PlanSettings:
     # DPO / ORPO (training.method): every row is two sequences, chosen and rejected, run as one batch of 2 x batch;
     # DPO's reference pass is a no-grad forward of the same batch whose activations are freed layer by layer.
     preference: bool = False
+    # The app's recompute cache (training.checkpoint_cache_mb, qlora_ui/fused_lora.py): under checkpointing, up
+    # to this many bytes of layer outputs kept from the forward for the recompute.
+    recompute_cache: int = 0
 
     @classmethod
     def from_config(cls, run: RunConfig, **overrides) -> PlanSettings:
@@ -114,7 +117,10 @@ class PlanSettings:
                 lora_dropout=lo.lora_dropout, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                 load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, quant_type=q.quant_type,
                 compute_dtype=q.compute_dtype, processes=max(1, int(getattr(t, "processes", 1) or 1)),
-                preference=getattr(t, "method", "sft") != "sft", **_strategy_of(getattr(t, "accelerate_config", "")))
+                preference=getattr(t, "method", "sft") != "sft",
+                recompute_cache=(t.checkpoint_cache_mb * 2**20 if t.gradient_checkpointing and t.fused_lora
+                                 and t.mixed_precision and getattr(t, "method", "sft") == "sft" else 0),
+                **_strategy_of(getattr(t, "accelerate_config", "")))
         return dataclasses.replace(s, **overrides)
 
     @property
@@ -314,6 +320,9 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
     if s.gradient_checkpointing:
         stored = L * e * h * t
         layer_peak = (per_layer + working) * t
+        if s.recompute_cache and kind in ("qlora", "lora_16bit"):
+            # Layer outputs (16-bit) kept for the recompute, up to the cache's budget.
+            stored += min(s.recompute_cache, L * 2 * t * sum(o for _, o in shape.linears().values()))
     else:
         stored = L * per_layer * t
         layer_peak = working * t
