@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# An upload request's multipart framing (boundaries, part headers) on top of its file: well under a kilobyte.
+UPLOAD_FRAMING_BYTES = 8 * 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     from qlora_ui.ui.app import CSS, JS, build_app
 
     roots = args.model_root or ["models"]
-    if args.max_data_size:
-        from qlora_ui.data import parse_size
+    from qlora_ui.data import parse_size
 
+    if args.max_data_size:
         try:
             parse_size(args.max_data_size)
         except ValueError:
@@ -173,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         # An environment variable, so the training processes a multi-process run launches see it too.
         os.environ["QLORA_MAX_DATA_SIZE"] = args.max_data_size
+    try:
+        # One upload request carries at most one file's worth (the per-file cap) plus its multipart framing.
+        upload_request_cap = parse_size(args.max_file_size) + UPLOAD_FRAMING_BYTES
+    except ValueError:
+        print(f"error: --max-file-size '{args.max_file_size}' is not a size; write it like 200mb or 1gb.",
+              file=sys.stderr)
+        return 2
     shared = args.share or not is_loopback(args.host)
     studio = Studio(args.runs_dir, model_roots=roots, allow_remote_code=args.allow_remote_code,
                     allowed_models=args.allowed_models,
@@ -184,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                     # A stranger on a shared link must not fill this disk with any dataset of the Hub.
                     allowed_datasets=args.allowed_datasets if args.allowed_datasets is not None else
                     ([] if shared else None),
-                    # Full paths on a local app; a stranger on a shared one sees only a path's last part.
-                    shared=shared)
+                    # Full paths on one person's local app; on a shared one, or behind a login (several people
+                    # use it), a path outside the app folder shows only its last part.
+                    shared=shared or bool(auth))
     if studio.data_roots:
         import gradio as gr
 
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         # reach it), while the page already answered.
         # The OpenAI-compatible API on the same server (port, share link); its keys, not the login, open it.
         mount(app, studio, api_keys, exposed=shared)
-        install_same_origin_guard(app, hosts, login_throttle=per_address)
+        install_same_origin_guard(app, hosts, login_throttle=per_address, max_upload_request=upload_request_cap)
         yield
 
     launch = dict(server_name=args.host, server_port=args.port, auth=LoginThrottle(auth) if auth else None,

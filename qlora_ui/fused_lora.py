@@ -12,9 +12,10 @@ passes and the dispatch around them were a quarter of a training step (profile i
               dA = s * gB.T @ x, dB = s * g.T @ (x @ A.T)
 
 The quantity is the same as peft's: `tests/test_fused_lora.py` compares loss and LoRA gradients with the plain path.
-With gradient checkpointing, the dequantized weight of the recompute is kept for the backward that follows it at
-once (one layer's weights alive at a time) instead of being dequantized a third time; without checkpointing it is
-dequantized again in the backward, as bitsandbytes does, so the whole model is never held in 16-bit.
+With gradient checkpointing and no recompute cache, the dequantized weight of the recompute is kept for the
+backward that follows it at once (one layer's weights alive at a time) instead of being dequantized a third
+time; otherwise it is dequantized again in the backward, as bitsandbytes does, so the whole model is never held
+in 16-bit.
 
 Under gradient checkpointing a layer's matmuls run twice: in the forward, and again in the recompute just before
 its backward. `RecomputeCache` keeps the fused layers' outputs from the forward, up to a byte budget
@@ -50,7 +51,15 @@ def _dequantized(weight, dtype):
 class RecomputeCache:
     """Fused layers' outputs from the forward under gradient checkpointing, for the recompute that comes before
     each layer's backward. The forward runs outside the autograd engine and the recompute inside it (in backward),
-    which is how the two are told apart. At most `budget` bytes are kept: the first layers of a step fill it."""
+    which is how the two are told apart. At most `budget` bytes are kept: the first layers of a step fill it.
+
+    An output is handed over only to a recompute whose input matches the forward's (shape and a sample of its
+    values): a step that ran two forwards before its backward, or a stopped step's leftovers, make the recompute
+    compute instead, never take another forward's output. With a cache the layers keep no dequantized weight for
+    the backward, so what each layer saves never depends on whether the cache had its output (checkpointing
+    compares the forward's saved tensors with the recompute's)."""
+
+    SAMPLE = 16
 
     def __init__(self, budget_bytes: int):
         self.budget, self.used, self.entries, self.sizes = budget_bytes, 0, {}, {}
@@ -62,30 +71,32 @@ class RecomputeCache:
 
         return torch._C._current_graph_task_id() != -1
 
+    def _sample(self, x):
+        flat = x.reshape(-1)
+        return flat[:: max(1, flat.numel() // self.SAMPLE)][: self.SAMPLE]
+
     def _drop(self, module) -> None:
         self.entries.pop(module, None)
         self.used -= self.sizes.pop(module, 0)
 
-    def fits(self, module, shape, out_features: int, element_size: int) -> bool:
-        """Reserve room for this layer's output in this forward (what a forward left for a recompute that never
-        ran, a stopped step's, is dropped first)."""
+    def store(self, module, x, y) -> None:
+        """Keep this forward's output if it fits (what an earlier forward left for this layer is dropped first)."""
         self._drop(module)
-        size = out_features * element_size
-        for n in shape[:-1]:
-            size *= n
+        size = y.numel() * y.element_size()
         if self.used + size > self.budget:
-            return False
+            return
+        self.entries[module] = (x.shape, self._sample(x).clone(), y.detach())
         self.sizes[module] = size
         self.used += size
-        return True
 
-    def put(self, module, y) -> None:
-        self.entries[module] = y.detach()
-
-    def take(self, module, shape):
-        y = self.entries.get(module)
+    def take(self, module, x):
+        """The forward's output for this recompute, or None (not kept, or kept for another input)."""
+        entry = self.entries.get(module)
         self._drop(module)
-        if y is None or y.shape[:-1] != shape[:-1]:
+        if entry is None:
+            return None
+        shape, sample, y = entry
+        if shape != x.shape or not self._sample(x).equal(sample):
             return None
         self.hits += 1
         return y
@@ -127,10 +138,9 @@ def _make_function():
                 y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
                 if bias is not None:
                     y += bias.to(dtype)
-            # What is saved must not depend on the cache: a forward that filled it and the recompute that takes it
-            # both save no weight (checkpointing compares the two).
+            # keep_weight is off wherever a cache is in use (RecomputeCache says why).
             ctx.save_for_backward(x2, xl2 if x_lora is not None else None, xa, lora_a, lora_b,
-                                  w if keep_weight and not cached[1] else None)
+                                  w if keep_weight else None)
             ctx.weight, ctx.scaling, ctx.dtype, ctx.shape = weight, scaling, dtype, shape
             ctx.has_bias, ctx.separate_lora_input = bias is not None, x_lora is not None
             return y.reshape(*shape[:-1], y.shape[-1])
@@ -183,18 +193,13 @@ def _fused_forward(self, x, *args, **kwargs):
     self._qlora_studio_calls += 1
     dtype = torch.get_autocast_dtype(device_type)
     cache = self._qlora_studio_cache
-    # [cached output or None, whether this layer's output is (or was) in the cache]
-    cached = [None, False]
-    if cache is not None and cache.in_recompute():
-        cached[0] = cache.take(self, x.shape)
-        cached[1] = cached[0] is not None
-    elif cache is not None:
-        cached[1] = cache.fits(self, x.shape, self.get_base_layer().out_features, dtype.itemsize)
+    recompute = cache is not None and cache.in_recompute()
+    cached = [cache.take(self, x) if recompute else None]
     y = FusedLoRALinear.fn().apply(
         x, x_lora, weight, self.get_base_layer().bias, self.lora_A[name].weight, self.lora_B[name].weight,
-        float(self.scaling[name]), self._qlora_studio_keep_weight, dtype, cached)
-    if cached[1] and cached[0] is None:
-        cache.put(self, y)
+        float(self.scaling[name]), self._qlora_studio_keep_weight and cache is None, dtype, cached)
+    if cache is not None and not recompute:
+        cache.store(self, x, y)
     return y
 
 

@@ -398,16 +398,18 @@ class TrainingJob:
         else:
             args = TrainingArguments(**args_kw)
             collator = make_collator(loaded.tokenizer, tr.padding_free)
-            # Short rows take the matmul attention where its probabilities are kept one layer at a time.
-            matmul_upto = MATMUL_ATTENTION_MAX_ROW if tr.gradient_checkpointing else 0
+            # Short rows take the matmul attention where its probabilities are kept one layer at a time, on the
+            # CPU (measured there against PyTorch's CPU flash kernel; GPU kernels are another matter).
+            matmul_upto = MATMUL_ATTENTION_MAX_ROW if tr.gradient_checkpointing and not on_gpu else 0
             if tr.padding_free and use_per_row_attention(loaded.model, matmul_upto):
                 log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
             amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
             if tr.fused_lora and amp and not self._sharded():
                 from .fused_lora import RecomputeCache, fuse_lora_layers
 
-                # Under gradient checkpointing the recompute's dequantized weight is kept for the backward that
-                # follows it at once; without it, keeping it would hold every layer's weight in 16 bits.
+                # Under gradient checkpointing the recompute's dequantized weight may be kept for the backward that
+                # follows it at once (not with a cache, fused_lora.RecomputeCache says why); without checkpointing,
+                # keeping it would hold every layer's weight in 16 bits.
                 cache = (RecomputeCache(tr.checkpoint_cache_mb * 2**20)
                          if tr.gradient_checkpointing and tr.checkpoint_cache_mb > 0 else None)
                 n = fuse_lora_layers(loaded.model, keep_weight=tr.gradient_checkpointing, cache=cache)

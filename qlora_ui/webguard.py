@@ -278,6 +278,23 @@ class ServedHosts(set):
                 self.add(name.lower().rstrip("."))
 
 
+def _capped_receive(receive, cap: int):
+    """An ASGI receive that reports the client gone once more than `cap` body bytes have come."""
+    seen = 0
+
+    async def capped():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > cap:
+                log.warning("cut off an upload request past %d bytes", cap)
+                return {"type": "http.disconnect"}
+        return message
+
+    return capped
+
+
 class SameOriginGuard:
     """ASGI middleware, outermost. Refuses, before any route:
     - a Host this app is not served under (421): a DNS-rebinding page reaches the app under its own name;
@@ -288,9 +305,12 @@ class SameOriginGuard:
     its `auth=` callable the name and password only, never the request, so the address is seen here."""
 
     def __init__(self, app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = (),
-                 login_throttle: AddressThrottle | None = None):
+                 login_throttle: AddressThrottle | None = None, max_upload_request: int | None = None):
         self.app = app
         self.login_throttle = login_throttle
+        # Gradio caps each uploaded file (--max-file-size), not a request: one request carried three 150 MB files
+        # under a 200 MB cap. The page uploads one dataset at a time, so a request may carry about one file.
+        self.max_upload_request = max_upload_request
         # Kept by reference when it is a ServedHosts: the share link's host joins it once the tunnel is up.
         self.allowed_hosts = allowed_hosts if isinstance(allowed_hosts, ServedHosts) else ServedHosts(allowed_hosts)
 
@@ -329,6 +349,17 @@ class SameOriginGuard:
             await send(message)
 
         path = scope.get("path") or "/"
+        if (self.max_upload_request is not None and scope["type"] == "http" and scope.get("method") == "POST"
+                and path.rstrip("/").endswith("/upload")):
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_upload_request:
+                log.warning("refused an upload request of %s bytes", length)
+                await self._refuse(scope, send, 413, f"One upload request may carry at most "
+                                   f"{self.max_upload_request / 2**20:.0f} MB in all (the per-file cap, "
+                                   "--max-file-size); upload the files one at a time.")
+                return
+            if length is None:  # chunked: count what arrives, and end the request where it passes the cap
+                receive = _capped_receive(receive, self.max_upload_request)
         if (self.login_throttle is not None and scope["type"] == "http" and scope.get("method") == "POST"
                 and path.rstrip("/").endswith("/login")):
             await self._login(scope, receive, lax_cookies, headers)
@@ -395,9 +426,11 @@ class SameOriginGuard:
 
 
 def install_same_origin_guard(app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = (),
-                              login_throttle: AddressThrottle | None = None) -> None:
+                              login_throttle: AddressThrottle | None = None,
+                              max_upload_request: int | None = None) -> None:
     """Put SameOriginGuard outside every middleware Gradio added. Gradio builds its app inside launch(), so this
     runs from the app's lifespan start (app.py): after Gradio's middleware, before the first connection.
     Starlette rebuilds its middleware stack on the next request."""
     app.middleware_stack = None
-    app.add_middleware(SameOriginGuard, allowed_hosts=allowed_hosts, login_throttle=login_throttle)
+    app.add_middleware(SameOriginGuard, allowed_hosts=allowed_hosts, login_throttle=login_throttle,
+                       max_upload_request=max_upload_request)

@@ -129,9 +129,10 @@ def test_a_job_trains_through_the_fused_layers_and_the_matmul_attention(tiny_mod
     assert cfg.training.fused_lora
     job = create_job(cfg)
     assert job.run_blocking() == "finished", job.error_message
-    assert applied and all(applied)  # under checkpointing the recompute's weight is kept for the backward
-    # The default 256 MB holds every output of the tiny model: each recompute takes them all.
-    assert cfg.training.checkpoint_cache_mb == 256 and sum(from_cache) == len(applied) // 2
+    # The default 256 MB holds every output of the tiny model: each recompute takes them all (and with a cache
+    # the layers keep no dequantized weight: what they save must not depend on the cache).
+    assert cfg.training.checkpoint_cache_mb == 256 and applied and sum(from_cache) == len(applied) // 2
+    assert not any(applied)
     # Rows of at most 128 tokens under checkpointing: attention in the matmul form, forward and recompute.
     assert matmul_rows and max(matmul_rows) <= batching.MATMUL_ATTENTION_MAX_ROW
     applied.clear()
@@ -193,3 +194,27 @@ def test_the_recompute_takes_the_forward_s_outputs_and_gives_the_same_gradients(
         assert torch.equal(grads[name], g), name
     loss2, _ = step(cached, tokenizer)  # a second step: the cache fills and empties again
     assert cache.hits == 2 * hits and loss2 == ref_loss and cache.used == 0
+
+
+def test_two_forwards_before_one_backward_never_take_each_other_s_outputs(tiny_model_dir, tokenizer):
+    """The cache hands an output only to the recompute of the same input. Two forwards of the same shape, then the
+    first one's backward: its recompute finds the second forward's outputs in the cache and must not take them.
+    The gradients stay exactly those of recomputing everything."""
+    ref, cached = pair(tiny_model_dir, True)
+    fuse_lora_layers(ref, keep_weight=True)
+    cache = RecomputeCache(2**30)
+    fuse_lora_layers(cached, keep_weight=True, cache=cache)
+    first = make_collator(tokenizer, True)([dict(r) for r in rows(1)])
+    second = make_collator(tokenizer, True)([dict(r) for r in rows(2)])
+    assert first["input_ids"].shape == second["input_ids"].shape
+    grads = []
+    for m in (ref, cached):
+        m.zero_grad(set_to_none=True)
+        loss_first = labelled_loss(m, first, autocast_dtype=torch.bfloat16)
+        loss_second = labelled_loss(m, second, autocast_dtype=torch.bfloat16)
+        loss_first.backward()  # while the cache holds the second forward's outputs
+        loss_second.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert cache.hits == 0 and cache.used == 0
+    for name, g in grads[0].items():
+        assert torch.equal(grads[1][name], g), name

@@ -35,17 +35,18 @@ CSS = """
   /* Five tabs fit a 390 px screen with narrower padding; otherwise Gradio hides Runs and Evaluate in a menu. */
   .tab-container > button { padding: 0 8px !important; }
   .qs-progress-head { font-size: 13px; }
-  /* Runs table: only name, status, step and final_loss (its first four columns), in fixed shares of the screen.
+  /* Runs table: only name, status, step and final_loss (columns 1, 3, 4, 5), in fixed shares of the screen.
      Gradio sizes every column to its content inline, so the name alone filled a phone and the rest sat off to
      the right. Model, eval loss and creation time are in the picked run's details. */
-  #runs-table th:nth-child(n+5), #runs-table td:nth-child(n+5),
-  #runs-table .virtual-row > :nth-child(n+5) { display: none !important; }
+  #runs-table th:nth-child(2), #runs-table td:nth-child(2), #runs-table .virtual-row > :nth-child(2),
+  #runs-table th:nth-child(n+6), #runs-table td:nth-child(n+6),
+  #runs-table .virtual-row > :nth-child(n+6) { display: none !important; }
   #runs-table table { width: 100% !important; table-layout: fixed !important; }
   #runs-table th, #runs-table td { min-width: 0 !important; max-width: none !important; }
   #runs-table th:nth-child(1), #runs-table td:nth-child(1) { width: 35% !important; }
-  #runs-table th:nth-child(2), #runs-table td:nth-child(2) { width: 26% !important; }
-  #runs-table th:nth-child(3), #runs-table td:nth-child(3) { width: 13% !important; }
-  #runs-table th:nth-child(4), #runs-table td:nth-child(4) { width: 26% !important; }
+  #runs-table th:nth-child(3), #runs-table td:nth-child(3) { width: 26% !important; }
+  #runs-table th:nth-child(4), #runs-table td:nth-child(4) { width: 13% !important; }
+  #runs-table th:nth-child(5), #runs-table td:nth-child(5) { width: 26% !important; }
   #runs-table table *, #runs-table .virtual-row * { font-size: 12px !important; }
   #runs-table .cell-wrap { padding-left: 4px !important; padding-right: 4px !important; }
   /* Run names break anywhere (they are long and have few spaces); words like "finished" stay whole. */

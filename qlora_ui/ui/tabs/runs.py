@@ -13,8 +13,9 @@ from ...resume_rules import resumable_runs
 from ...studio import Studio
 from ..feedback import USER_ERRORS, md_text, user_error
 
-# The columns a reader scans first come first: a phone shows only these four (ui/app.py's CSS).
-RUN_COLUMNS = ["name", "status", "step", "final_loss", "eval_loss", "model", "created"]
+# In this order since the first release: scripts read list_runs' rows by position. A phone shows name, status,
+# step and final_loss only (ui/app.py's CSS hides the others).
+RUN_COLUMNS = ["name", "model", "status", "step", "final_loss", "eval_loss", "created"]
 COMPARE_PRESELECT = 4  # newest runs drawn together on page load
 
 
