@@ -66,16 +66,28 @@ def test_gguf_next_token_argmax_matches_the_merged_model(exported, real_run):
 
     prompts = ["Where is the treasure buried?", "What is your favourite food?", "Tell me about the sea.",
                "Do you like computers?", "Who are you?", "How old are you?"]
-    same = total = 0
+    same = total = clear_same = clear_total = 0
     for p in prompts:
         text = render_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": "Arr, matey!"}])
         ids = tok(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            hf = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        hf = logits.argmax(-1).tolist()
         gg = llm.call("argmax", tokens=ids)
-        same += sum(a == b for a, b in zip(hf, gg))
-        total += len(ids)
+        top = logits.topk(3, -1)
+        for i, (a, b) in enumerate(zip(hf, gg)):
+            total += 1
+            same += a == b
+            # Q8_0 moves logits by tenths: where the merged model's first choice leads its second by half a logit
+            # or more, the GGUF must pick it too; where it does not, the GGUF may pick a close second (a broken
+            # quantizer would pick anything).
+            if float(top.values[i, 0] - top.values[i, 1]) >= 0.5:
+                clear_total += 1
+                clear_same += a == b
+            assert b in top.indices[i].tolist(), (p, i, b)
     llm.close()
-    assert total > 200
-    # docs/export.md: 245/254 = 96.5%; 95% leaves room for a few positions, not for a broken quantizer.
-    assert same / total >= 0.95, f"GGUF Q8_0 agrees with the merged model at {same}/{total} positions"
+    assert total > 200 and clear_total > 150
+    # Measured: 245/254 (96.5%) on one adapter, 227/254 (89%) on another trained as well (the six prompts share a
+    # system-prompt prefix, so one near tie there counts six times); at clear positions, every one agreed.
+    assert clear_same / clear_total >= 0.98, f"GGUF Q8_0 agrees at {clear_same}/{clear_total} clear positions"
+    assert same / total >= 0.85, f"GGUF Q8_0 agrees with the merged model at {same}/{total} positions"
