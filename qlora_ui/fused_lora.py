@@ -236,3 +236,15 @@ def fuse_lora_layers(model, keep_weight: bool, cache: RecomputeCache | None = No
 def fused_calls(model) -> int:
     """How many forwards took the fused path so far (for tests and the training log)."""
     return sum(getattr(m, "_qlora_studio_calls", 0) for m in model.modules())
+
+
+def fuse_for_training(model, tr) -> int:
+    """The fused layers as a run's training settings ask (tr: TrainingConfig): with gradient checkpointing and a
+    cache budget, a RecomputeCache; without a cache, the recompute's dequantized weight is kept for the backward
+    that follows it at once (RecomputeCache says why not with a cache); without checkpointing, keeping it would hold
+    every layer's weight in 16 bits, so it is dequantized again in backward."""
+    cache = (RecomputeCache(tr.checkpoint_cache_mb * 2**20)
+             if tr.gradient_checkpointing and tr.checkpoint_cache_mb > 0 else None)
+    n = fuse_lora_layers(model, keep_weight=tr.gradient_checkpointing, cache=cache)
+    log.info("fused LoRA layers: %d%s", n, f"; recompute cache {tr.checkpoint_cache_mb} MB" if cache else "")
+    return n

@@ -106,6 +106,9 @@ class PlanSettings:
     # DPO / ORPO (training.method): every row is two sequences, chosen and rejected, run as one batch of 2 x batch;
     # DPO's reference pass is a no-grad forward of the same batch whose activations are freed layer by layer.
     preference: bool = False
+    # DPO's head: TRL 1.16's DPOTrainer computes the answer tokens' log-probs in tiles (its fused LM head), never the
+    # whole logits; ORPO's trainer computes full logits like the plain SFT head.
+    chunked_head: bool = False
     # The app's recompute cache (training.checkpoint_cache_mb, qlora_ui/fused_lora.py): under checkpointing, up
     # to this many bytes of layer outputs kept from the forward for the recompute.
     recompute_cache: int = 0
@@ -117,7 +120,7 @@ class PlanSettings:
                 lora_dropout=lo.lora_dropout, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
                 load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, quant_type=q.quant_type,
                 compute_dtype=q.compute_dtype, processes=max(1, int(getattr(t, "processes", 1) or 1)),
-                preference=getattr(t, "method", "sft") != "sft",
+                preference=getattr(t, "method", "sft") != "sft", chunked_head=getattr(t, "method", "sft") == "dpo",
                 recompute_cache=(t.checkpoint_cache_mb * 2**20 if t.gradient_checkpointing and t.fused_lora
                                  and t.mixed_precision and getattr(t, "method", "sft") == "sft" else 0),
                 **_strategy_of(getattr(t, "accelerate_config", "")))
@@ -330,12 +333,30 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, kind: str) -> float:
     # lm_head is fp32 after kbit preparation, so QLoRA's logits are fp32 unless autocast makes them 16-bit.
     logits_fp32 = kind == "qlora" and s.precision == "app" and not _autocast(s) and not s.sharded
     logits_peak = t * V * (12 + (0 if logits_fp32 else 2))
+    if s.chunked_head:
+        logits_peak = chunked_head_bytes(s, t, h, V)
     if kind == "qlora":
         layer_peak += 6 * max(a_ * b_ for a_, b_ in shape.linears().values())
     peak = stored + max(logits_peak, layer_peak)
     if s.device == "cpu":
         peak += CPU_RUNTIME_BYTES + cpu_allocator_slack(shape, s, kind)
     return float(peak)
+
+
+# TRL's fused LM head (trl/kernels/chunked_logprob.py): tiles of at most this many tokens x vocabulary entries.
+HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
+
+
+def chunked_head_bytes(s: PlanSettings, t: int, h: int, V: int) -> float:
+    """Peak of DPO's tiled head: one tile of logits in the compute dtype and the 16-bit slice of the head's weight
+    it multiplies, plus the hidden states' fp32 gradient. On the CPU (no Triton) its torch fallback's backward also
+    holds five fp32 copies of the tile at once (the logits, scaled, log p, p and the gradient) and a transient sixth:
+    24 bytes per tile entry on top of the tile (measured: bench/preference_memory.py, docs/preference.md). On a GPU
+    a Triton kernel folds the tile in place."""
+    tile = min(t, HEAD_TILE_TOKENS) * min(V, HEAD_TILE_VOCAB)
+    c = 2 if s.compute_dtype in ("bf16", "fp16") else 4  # the tile is in the autocast dtype
+    per_entry = c + (24 if s.device == "cpu" else 0)
+    return tile * per_entry + min(V, HEAD_TILE_VOCAB) * h * c + t * h * 4
 
 
 def cpu_allocator_slack(shape: ModelShape, s: PlanSettings, kind: str) -> float:

@@ -265,8 +265,6 @@ class TrainingJob:
         return self.state
 
     def _train(self) -> None:
-        from transformers import TrainingArguments
-
         from .data import prepare_dataset
         from .modeling import load_for_training, trainable_parameters
 
@@ -332,13 +330,7 @@ class TrainingJob:
 
         import torch
 
-        from .batching import (
-            MATMUL_ATTENTION_MAX_ROW,
-            frozen_to_compute_dtype,
-            make_collator,
-            trainer_class,
-            use_per_row_attention,
-        )
+        from .batching import frozen_to_compute_dtype
 
         on_gpu = torch.cuda.is_available()
         dtype = cfg.quantization.compute_dtype
@@ -396,29 +388,11 @@ class TrainingJob:
             trainer = build_trainer(cfg, loaded, train_ds, eval_ds, args_kw, callbacks)
             args = trainer.args
         else:
-            args = TrainingArguments(**args_kw)
-            collator = make_collator(loaded.tokenizer, tr.padding_free)
-            # Short rows take the matmul attention where its probabilities are kept one layer at a time, on the
-            # CPU (measured there against PyTorch's CPU flash kernel; GPU kernels are another matter).
-            matmul_upto = MATMUL_ATTENTION_MAX_ROW if tr.gradient_checkpointing and not on_gpu else 0
-            if tr.padding_free and use_per_row_attention(loaded.model, matmul_upto):
-                log.info("packed batches: attention runs per row (no cross-row or padded attention work)")
-            amp_dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]) if amp else None
-            if tr.fused_lora and amp and not self._sharded():
-                from .fused_lora import RecomputeCache, fuse_lora_layers
+            from .sft_training import build_trainer
 
-                # Under gradient checkpointing the recompute's dequantized weight may be kept for the backward that
-                # follows it at once (not with a cache, fused_lora.RecomputeCache says why); without checkpointing,
-                # keeping it would hold every layer's weight in 16 bits.
-                cache = (RecomputeCache(tr.checkpoint_cache_mb * 2**20)
-                         if tr.gradient_checkpointing and tr.checkpoint_cache_mb > 0 else None)
-                n = fuse_lora_layers(loaded.model, keep_weight=tr.gradient_checkpointing, cache=cache)
-                log.info("fused LoRA layers: %d%s", n, f"; recompute cache {tr.checkpoint_cache_mb} MB" if cache
-                         else "")
-            train_cls = trainer_class(tr.labelled_head, amp_dtype)
-            trainer = train_cls(model=loaded.model, args=args, train_dataset=train_ds.remove_columns(["length"])
-                                if not tr.group_by_length else train_ds, eval_dataset=eval_ds, data_collator=collator,
-                                callbacks=callbacks)
+            trainer = build_trainer(cfg, loaded, train_ds, eval_ds, args_kw, callbacks, amp=amp,
+                                    sharded=self._sharded())
+            args = trainer.args
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the listener, not stdout

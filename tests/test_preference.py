@@ -271,8 +271,10 @@ def test_data_panel_shows_a_preference_pair(tokenizer, pairs_file):
 
 
 def test_planner_counts_two_sequences_per_preference_row():
+    import dataclasses
+
     from qlora_ui.config import RunConfig
-    from qlora_ui.memory import PlanSettings, activation_bytes
+    from qlora_ui.memory import PlanSettings, activation_bytes, chunked_head_bytes
     from qlora_ui.shapes import resolve_shape
 
     shape = resolve_shape("llama-7b")
@@ -284,7 +286,18 @@ def test_planner_counts_two_sequences_per_preference_row():
     # DPO keeps peft's own layers, so it has none)
     twice = PlanSettings.from_config(RunConfig().updated(batch_size=8, max_length=512), recompute_cache=0)
     assert dpo.recompute_cache == 0 and sft.recompute_cache == 256 * 2**20
-    assert activation_bytes(shape, dpo, "qlora") == activation_bytes(shape, twice, "qlora")
+    orpo = PlanSettings.from_config(RunConfig().updated(batch_size=4, max_length=512, method="orpo"))
+    assert not orpo.chunked_head and activation_bytes(shape, orpo, "qlora") == activation_bytes(shape, twice, "qlora")
+    # DPO's head is TRL's tiled one (never the whole logits): a tile of 4,096 tokens here, not all 4,096 x 2 rows.
+    # On a GPU it needs far less than full logits; on the CPU its torch fallback keeps five fp32 copies of the tile
+    # (bench/preference_memory.py measured them), which can be more than the full logits' phase.
+    assert dpo.chunked_head
+    t, full = 8 * 512, 8 * 512 * shape.vocab * 14
+    gpu = chunked_head_bytes(dataclasses.replace(dpo, device="cuda"), t, shape.hidden, shape.vocab)
+    cpu = chunked_head_bytes(dataclasses.replace(dpo, device="cpu"), t, shape.hidden, shape.vocab)
+    assert gpu < full / 2 and cpu > 2 * gpu
+    assert chunked_head_bytes(dpo, 2 * t, shape.hidden, shape.vocab) < 1.2 * chunked_head_bytes(
+        dpo, t, shape.hidden, shape.vocab)  # more tokens than a tile: one tile at a time (+ their fp32 grads)
 
 
 def test_preference_pairs_given_to_sft_say_which_method_reads_them(tmp_path, tiny_model_dir, pairs_file):
@@ -307,3 +320,17 @@ def test_orpo_trains_on_the_same_engine(tiny_model_dir, pairs_file, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(k in rows[-1] for k in ("nll_loss", "log_odds_ratio", "reward_accuracy"))
     assert (job.run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_check_data_reads_a_pairs_file_as_dpo_would(tmp_path, tiny_model_dir):
+    """`check-data` has no method setting: a file of pairs (no SFT format reads it) is reported as preference data,
+    with a note naming the methods that train it, instead of "Cannot tell the dataset format"."""
+    f = write_jsonl(tmp_path / "p.jsonl", separable_pairs(6))
+    p = cli("check-data", f, "--base-model", tiny_model_dir, "--max-length", "128")
+    assert p.returncode == 0, p.stderr
+    assert "Format: preference (standard)" in p.stdout and "Rows: 6 read, 6 kept" in p.stdout
+    assert "chosen (" in p.stdout and "rejected (" in p.stdout and "method dpo or orpo" in p.stdout
+    bad = write_jsonl(tmp_path / "same.jsonl", BAD["identical"][0])
+    p = cli("check-data", bad, "--base-model", "none")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "identical" in p.stderr and "'chosen' and 'rejected' are the same answer" in p.stderr
