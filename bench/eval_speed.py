@@ -3,7 +3,7 @@ replies) on the bundled model, its 4-bit base with a run's adapter off and on, t
 
     python bench/eval_speed.py --run runs/<a run on the bundled model> [--limit N] [--chat-template]
 
-Times the whole engine call (`qlora_ui.evaluate.benchmarks.run_benchmarks`, what the tab's Start runs): loading the
+Times the whole engine call (`qlora_ui.evaluate.bench_run.run_benchmarks`, what the tab's Start runs): loading the
 base and the adapter, both evaluations, writing RUN/eval/<timestamp>.json; the process's own imports (lm-eval,
 transformers: seconds) come before the clock starts, as in the running app. Goal (issue 26): <= 2 min on 2 CPU
 cores, with a progress bar. Prints the goal table and the benchmark table.
@@ -30,7 +30,9 @@ def main() -> None:
     import lm_eval.evaluator  # noqa: F401 - imported before the clock, as the running app has it
     import peft  # noqa: F401
 
-    from qlora_ui.evaluate.benchmarks import EvalRequest, format_table, run_benchmarks
+    from qlora_ui.evaluate.bench_request import EvalRequest
+    from qlora_ui.evaluate.bench_results import format_table
+    from qlora_ui.evaluate.bench_run import run_benchmarks
     from qlora_ui.runs import open_run
 
     run = open_run(args.run)

@@ -312,7 +312,8 @@ def estimate_for(result: dict, model_for_plan: str) -> dict:
 
     shape = resolve_shape(model_for_plan)
     s = PlanSettings(batch=result["batch"], seq=result["seq"], rank=result["rank"], optimizer=result["optimizer"],
-                     gradient_checkpointing=result["gradient_checkpointing"], device=result["device"])
+                     gradient_checkpointing=result["gradient_checkpointing"], device=result["device"],
+                     mixed_precision=result["device"] == "cuda")  # this loop's autocast: on CUDA only (below)
     parts = estimate(shape, s)["qlora"]
     step = parts["gradients"] + parts["optimizer"] + parts["activations"]
     static = parts["weights"] + parts["quant_constants"] + parts["adapter"]

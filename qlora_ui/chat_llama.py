@@ -35,6 +35,10 @@ class LlamaCppEngine:
         self.lock = threading.Lock()
         self.path: str | None = None
         self.child: LlamaCppProcess | None = None
+        # probe()'s answer, asked once per engine: it reads /proc/cpuinfo and the probe file, which every message
+        # (chat, API, each arena battle) did before. Forgotten when a child is found dead, so that a crash (a
+        # rebuilt or unsuitable library) is checked again before the restart.
+        self._probed: tuple[bool, str] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -49,12 +53,16 @@ class LlamaCppEngine:
         if not Path(gguf).is_file():
             raise ExportError(f"{Path(gguf).name} does not exist; export the run to GGUF first (Runs tab, Export).")
         _require_llama_cpp()
-        ok, why = probe()
-        if not ok:
-            raise BackendStopped(f"llama.cpp does not run on this machine: {why}")
         with self.lock:
             if self.path == gguf and self.child is not None and self.child.alive():
                 return
+            if self.child is not None and not self.child.alive():
+                self._probed = None  # it crashed: ask again whether llama.cpp runs here before starting another
+            if self._probed is None:
+                self._probed = probe()
+            ok, why = self._probed
+            if not ok:
+                raise BackendStopped(f"llama.cpp does not run on this machine: {why}")
             if self.child is not None:
                 self.child.close()
                 self.child, self.path = None, None

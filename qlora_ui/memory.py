@@ -109,6 +109,8 @@ class PlanSettings:
     # DPO's head: TRL 1.16's DPOTrainer computes the answer tokens' log-probs in tiles (its fused LM head), never the
     # whole logits; ORPO's trainer computes full logits like the plain SFT head.
     chunked_head: bool = False
+    # training.mixed_precision: autocast around forward + loss (16-bit attention and LoRA inputs saved).
+    mixed_precision: bool = True
     # The app's recompute cache (training.checkpoint_cache_mb, qlora_ui/fused_lora.py): under checkpointing, up
     # to this many bytes of layer outputs kept from the forward for the recompute.
     recompute_cache: int = 0
@@ -116,13 +118,18 @@ class PlanSettings:
     @classmethod
     def from_config(cls, run: RunConfig, **overrides) -> PlanSettings:
         t, q, lo = run.training, run.quantization, run.lora
+        # TRL's preference trainers switch every dropout off (disable_dropout=True), LoRA's too: no dropout masks,
+        # and adapters on one input share its saved tensor.
+        sft = getattr(t, "method", "sft") == "sft"
         s = cls(batch=t.batch_size, seq=run.data.max_length, rank=lo.lora_r, targets=lo.target_modules,
-                lora_dropout=lo.lora_dropout, optimizer=t.optimizer, gradient_checkpointing=t.gradient_checkpointing,
+                lora_dropout=lo.lora_dropout if sft else 0.0, optimizer=t.optimizer,
+                gradient_checkpointing=t.gradient_checkpointing,
                 load_in_4bit=q.load_in_4bit, double_quant=q.double_quant, quant_type=q.quant_type,
                 compute_dtype=q.compute_dtype, processes=max(1, int(getattr(t, "processes", 1) or 1)),
-                preference=getattr(t, "method", "sft") != "sft", chunked_head=getattr(t, "method", "sft") == "dpo",
+                preference=not sft, chunked_head=getattr(t, "method", "sft") == "dpo",
+                mixed_precision=getattr(t, "mixed_precision", True),
                 recompute_cache=(t.checkpoint_cache_mb * 2**20 if t.gradient_checkpointing and t.fused_lora
-                                 and t.mixed_precision and getattr(t, "method", "sft") == "sft" else 0),
+                                 and t.mixed_precision and sft else 0),
                 **_strategy_of(getattr(t, "accelerate_config", "")))
         return dataclasses.replace(s, **overrides)
 
@@ -241,8 +248,9 @@ def _stream_bytes(s: PlanSettings, kind: str) -> int:
 
 
 def _autocast(s: PlanSettings) -> bool:
-    # training.py runs the Trainer with bf16/fp16 mixed precision on a GPU only: autocast on CUDA, none on CPU.
-    return s.device == "cuda" and s.compute_dtype in ("bf16", "fp16")
+    # As training.py decides: bf16/fp16 autocast with training.mixed_precision; on the CPU bf16 only (no fp16 CPU
+    # kernels worth having).
+    return s.mixed_precision and (s.compute_dtype == "bf16" or (s.compute_dtype == "fp16" and s.device == "cuda"))
 
 
 def layer_saved_tensors(shape: ModelShape, s: PlanSettings, kind: str) -> dict[str, float]:
@@ -253,8 +261,9 @@ def layer_saved_tensors(shape: ModelShape, s: PlanSettings, kind: str) -> dict[s
     fp32, so every norm output is fp32, and bitsandbytes' Linear4bit casts its output back to its input's
     dtype: the residual stream and every projection output are fp32 (4 bytes) although the matmuls run in
     bf16, and MatMul4Bit saves only the packed 4-bit weight. 16-bit LoRA and full fine-tuning keep 2-byte
-    activations. The LoRA branch runs in the adapter dtype. On a GPU the Trainer's bf16 autocast makes the
-    attention kernel and the LoRA matmuls save 16-bit copies of their inputs.
+    activations. The LoRA branch runs in the adapter dtype. Under the Trainer's bf16 autocast (training.py: on a GPU,
+    and on the CPU with mixed_precision) the attention kernel and the LoRA matmuls save 16-bit copies of their
+    inputs (tests/test_memory.py checks both against autograd's saved tensors on the CPU).
     """
     h, i = shape.hidden, shape.intermediate
     qd, kvd = shape.heads * shape.hd, shape.kv_heads * shape.hd
@@ -349,13 +358,14 @@ HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
 
 def chunked_head_bytes(s: PlanSettings, t: int, h: int, V: int) -> float:
     """Peak of DPO's tiled head: one tile of logits in the compute dtype and the 16-bit slice of the head's weight
-    it multiplies, plus the hidden states' fp32 gradient. On the CPU (no Triton) its torch fallback's backward also
-    holds five fp32 copies of the tile at once (the logits, scaled, log p, p and the gradient) and a transient sixth:
-    24 bytes per tile entry on top of the tile (measured: bench/preference_memory.py, docs/preference.md). On a GPU
-    a Triton kernel folds the tile in place."""
+    it multiplies, plus the hidden states' fp32 gradient. On the CPU (no Triton) the torch fallback of its backward
+    (_backward_tile) holds, at its peak, the tile as fp32 logits, scaled logits, log p, p and the gradient, the
+    target mask as bool and as fp32, the mask minus p and its product with the incoming gradient: 38 bytes per tile
+    entry on top of the tile (checked against bench/preference_memory.py, docs/preference.md). On a GPU a Triton
+    kernel folds the tile in place."""
     tile = min(t, HEAD_TILE_TOKENS) * min(V, HEAD_TILE_VOCAB)
     c = 2 if s.compute_dtype in ("bf16", "fp16") else 4  # the tile is in the autocast dtype
-    per_entry = c + (24 if s.device == "cpu" else 0)
+    per_entry = c + (38 if s.device == "cpu" else 0)
     return tile * per_entry + min(V, HEAD_TILE_VOCAB) * h * c + t * h * 4
 
 

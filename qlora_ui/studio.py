@@ -62,7 +62,7 @@ class Studio:
         from .evaluate.arena import Arena
 
         self.arena = Arena(self.runs_dir)  # battles and votes under runs/arena/, one vote per battle per session
-        from .evaluate.benchmarks import BenchmarkJobs
+        from .evaluate.bench_job import BenchmarkJobs
 
         self.benchmarks = BenchmarkJobs()  # lm-eval runs in the background, one at a time per app
         self._tokenizers: dict[str, object] = {}

@@ -214,14 +214,21 @@ def test_figure_has_stacked_parts_device_line_and_verdict():
     assert plan.verdict in fig.layout.title.text
 
 
-def test_activation_model_matches_autograd_saved_tensors(tiny_model_dir):
-    """The per-layer tensor list equals what autograd really saves in one decoder layer (CPU, no checkpointing)."""
+@pytest.mark.parametrize("mixed_precision", [False, True], ids=["fp32", "bf16-autocast"])
+def test_activation_model_matches_autograd_saved_tensors(tiny_model_dir, mixed_precision):
+    """The per-layer tensor list equals what autograd really saves in one decoder layer (CPU, no checkpointing):
+    without mixed precision, and with it as training.py runs it (frozen weights in bf16, bf16 autocast)."""
+    import contextlib
+
     import torch
 
+    from qlora_ui.batching import frozen_to_compute_dtype
     from qlora_ui.modeling import load_for_training
 
     cfg = cfg_for(str(tiny_model_dir))
     net = load_for_training(cfg.model, cfg.quantization, cfg.lora, gradient_checkpointing=False).model
+    if mixed_precision:
+        frozen_to_compute_dtype(net, torch.bfloat16)
     net.train()
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
     layer = net.base_model.model.model.layers[1]
@@ -238,10 +245,14 @@ def test_activation_model_matches_autograd_saved_tensors(tiny_model_dir):
 
     b, s = 2, 32
     ids = torch.randint(3, 1000, (b, s))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mixed_precision else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(input_ids=ids, labels=ids).loss.backward()
+        with autocast:
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
     shape = resolve_shape(str(tiny_model_dir))
-    predicted = sum(memory.layer_saved_tensors(shape, PlanSettings(device="cpu"), "qlora").values()) * b * s
+    settings = PlanSettings(device="cpu", mixed_precision=mixed_precision)
+    predicted = sum(memory.layer_saved_tensors(shape, settings, "qlora").values()) * b * s
     # The rotary cos/sin (shared by every layer) is the only thing the list leaves out.
     assert sum(saved.values()) == pytest.approx(predicted, rel=0.05)
 

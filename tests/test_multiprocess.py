@@ -311,3 +311,42 @@ def test_an_app_started_later_follows_and_stops_a_running_multi_process_run(tiny
         proc.kill()
     assert proc.returncode == 0, out
     assert RunDir(run).read_status()["state"] == "stopped" and RunDir(run).has_adapter()
+
+
+def test_a_stopped_two_process_dpo_run_resumes_on_the_same_curve(tiny_model_dir, tmp_path):
+    """DPO through accelerate (2 ranks, DDP over gloo): stopped midway from the run folder (Stop), resumed with 2
+    processes again, it continues an uninterrupted 2-process run's curve step by step (issue 27)."""
+    from qlora_ui.jobs import create_job, resume_job
+    from tests.test_preference import dpo_cfg, separable_pairs, write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs())
+    runs = tmp_path / "runs"
+    # No length grouping: both runs see the rows in the same order whatever the process count.
+    kw = dict(processes=2, batch_size=2, max_steps=6, save_steps=3, group_by_length=False, lora_dropout=0.0)
+    full = create_job(dpo_cfg(tiny_model_dir, pairs, runs, name="full", **kw))
+    assert full.run_blocking() == "finished", full.error_message
+
+    holder = {}
+
+    def stop_at_3(event, row):
+        if event == "metrics" and row.get("step") == 3:
+            holder["job"].stop()  # the stop request file: every rank stops at its next step boundary
+
+    part = create_job(dpo_cfg(tiny_model_dir, pairs, runs, name="part", **kw), listener=stop_at_3)
+    holder["job"] = part
+    assert part.run_blocking() == "stopped", part.error_message
+    stopped = part.run.read_status()["step"]
+    assert 3 <= stopped < 6 and (part.run.path / "checkpoints" / f"checkpoint-{stopped}").is_dir()
+    resumed = resume_job(part.run)
+    assert resumed.cfg.training.processes == 2
+    assert resumed.run_blocking() == "finished", resumed.error_message
+
+    rows = loss_rows(part.run.path)
+    assert [r["step"] for r in rows] == list(range(1, 7))  # no step twice, none missing
+    assert {r["world_size"] for r in rows} == {2}
+    ref = {r["step"]: r for r in loss_rows(full.run.path)}
+    assert sorted(ref) == list(range(1, 7))
+    for r in rows:  # the resumed half continues the uninterrupted run's curve, rewards included
+        assert r["loss"] == pytest.approx(ref[r["step"]]["loss"], rel=0.05, abs=0.02), r["step"]
+        assert r["reward_margin"] == pytest.approx(ref[r["step"]]["reward_margin"], rel=0.05, abs=0.02), r["step"]
+    assert RunDir(part.run.path).has_adapter() and not (part.run.adapter_dir / "ref").exists()

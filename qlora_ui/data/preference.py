@@ -9,13 +9,16 @@ TRL's trainers apply the model's chat template to them the way the SFT path rend
 - ultrafeedback: `chosen` and `rejected` message lists that repeat the prompt, with `prompt` (a string) or
   `messages` beside them; the repeated prompt is cut from each answer.
 
-Rows that cannot be used are dropped with a reason (identical, empty, malformed, too_long), as in the SFT report.
+A file is read by reading.py; a Hub dataset (hf://owner/name) or a dataset folder the way the SFT path reads it
+(sources.py, stages.load_rows). Rows that cannot be used are dropped with a reason (identical, empty, malformed,
+too_long), as in the SFT report.
 A file that cannot be preference data at all (no `rejected` column, SFT rows, chosen == rejected on every row)
 raises one DataError naming the column and the fix, before any run folder exists (jobs.preflight).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
@@ -26,8 +29,9 @@ from typing import Any
 from ..config import DataConfig
 from .common import MAX_DROPPED_EXAMPLES, DataError, Drop, DroppedRow
 from .formats import ColumnPlan, columns_of, detect_format
-from .reading import read_table
+from .reading import ReadResult, read_table
 from .report import DataReport
+from .sources import source_for
 
 PREFERENCE_FORMATS = ("standard", "hh", "ultrafeedback")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -192,7 +196,13 @@ def holds_pairs(cfg: DataConfig) -> bool:
     """Whether a file's first rows have both 'chosen' and 'rejected' (after the column map): for the hint an SFT
     run gives when handed preference data."""
     try:
-        records = read_table(cfg.data_path, 50).records
+        src = source_for(cfg)
+        if src is None:
+            records = read_table(cfg.data_path, 50).records
+        else:  # the SFT check has just read it into the rows cache: its sample costs nothing more
+            from .stages import load_rows
+
+            records = load_rows(cfg.data_path, cfg.max_rows, source=src).sample
         cols = ColumnPlan(columns_of(records), cfg.column_map).columns
     except Exception:  # noqa: BLE001 - only a hint; the SFT path's own error stands
         return False
@@ -242,6 +252,29 @@ def _tokens(tokenizer, prompt: Messages, chosen: Messages, rejected: Messages) -
     return {"prompt": k, "chosen": len(c) - k, "rejected": len(r) - k, "length": max(len(c), len(r))}
 
 
+def data_name(cfg: DataConfig) -> str:
+    """How messages name the data: the file's name, or hf://owner/name (subset) [split] / the folder [split]."""
+    src = source_for(cfg)
+    return src.shown if src is not None else Path(cfg.data_path).name
+
+
+def _rows(cfg: DataConfig, max_bytes: int | None) -> tuple[ReadResult, str]:
+    """The rows as dicts, and where they came from ("" for a file). A Hub dataset or a dataset folder is read the
+    way the SFT path reads it (sources.py: subset, split, revision, the HF cache when offline, the size cap), into
+    the same cached Arrow rows (stages.load_rows), so the run's dataset.json and a resume's check see the same
+    commit and rows."""
+    src = source_for(cfg)
+    if src is None:
+        return read_table(cfg.data_path, cfg.max_rows, max_bytes=max_bytes), ""
+    from .stages import load_rows
+
+    raw = load_rows(cfg.data_path, cfg.max_rows, max_bytes=max_bytes, source=src)
+    rows, m = raw.dataset(), raw.meta
+    table = ReadResult([json.loads(r) for r in rows["_rec"]], list(rows["_where"]), m["rows_seen"],
+                       Counter(m["dropped"]), raw.dropped_examples(), list(m["warnings"]), m["kind"])
+    return table, f"{m['name']} @ {str(m['revision'])[:12]}"
+
+
 @dataclass
 class PreferenceData:
     train: Any  # datasets.Dataset: prompt, chosen, rejected (message lists), length
@@ -253,8 +286,8 @@ def _read(cfg: DataConfig, max_bytes: int | None, method: str, system_prompt: st
           ) -> tuple[list[tuple[Messages, Messages, Messages]], list[int], PreferenceReport]:
     if not cfg.data_path:
         raise DataError("No dataset given. Choose a file of preference pairs (prompt, chosen, rejected).")
-    name = Path(cfg.data_path).name
-    table = read_table(cfg.data_path, cfg.max_rows, max_bytes=max_bytes)
+    table, origin = _rows(cfg, max_bytes)
+    name = data_name(cfg)
     cols0 = columns_of(table.records)
     plan = ColumnPlan(cols0, cfg.column_map)
     records = [plan(r) for r in table.records]
@@ -263,7 +296,8 @@ def _read(cfg: DataConfig, max_bytes: int | None, method: str, system_prompt: st
     fmt = Counter(format_of(r) for r in records[:1000]).most_common(1)[0][0] if records else "standard"
     report = PreferenceReport(path=str(cfg.data_path), format=f"preference ({fmt})", columns=cols,
                               rows_read=table.rows_seen, dropped=dict(table.dropped),
-                              dropped_examples=list(table.dropped_examples), warnings=list(table.warnings))
+                              dropped_examples=list(table.dropped_examples), warnings=list(table.warnings),
+                              origin=origin)
     pairs, where, dropped = [], [], Counter(report.dropped)
     for i, rec in enumerate(records):
         try:
@@ -282,7 +316,7 @@ def check_preference_file(cfg: DataConfig, *, method: str = "dpo", max_bytes: in
     raised before a run folder is made. Returns the format label."""
     pairs, _, report = _read(cfg, max_bytes, method, cfg.system_prompt)
     if not pairs:
-        raise _nothing_left(report, Path(cfg.data_path).name)
+        raise _nothing_left(report, data_name(cfg))
     return report.format
 
 
@@ -337,7 +371,7 @@ def prepare_preferences(cfg: DataConfig, tokenizer, seed: int, *, method: str = 
     report.rows_kept = len(rows)
     report.token_lengths = np.asarray(lengths, dtype=np.int32)
     if not rows:
-        raise _nothing_left(report, Path(cfg.data_path).name)
+        raise _nothing_left(report, data_name(cfg))
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = 0

@@ -235,7 +235,16 @@ def inspect_file(path: str | Path, tokenizer=None, data_format: str = "auto", co
         raw = sample_rows(path, min(sample, max_rows) if max_rows else sample, max_bytes=max_bytes, source=source)
     else:
         raw = load_rows(path, max_rows, max_bytes=max_bytes, source=source)
-    settings, report = _settings(raw, data_format, column_map, system_prompt, max_length, train_on_source)
+    try:
+        settings, report = _settings(raw, data_format, column_map, system_prompt, max_length, train_on_source)
+    except DataError:
+        limit = min(sample, max_rows) if sample and max_rows else sample or max_rows
+        pairs = _as_preferences(path, raw, tokenizer, data_format, column_map, max_length, system_prompt, limit,
+                                source)
+        if pairs is None:
+            raise
+        pairs.sampled = bool(sample) and pairs.rows_read >= limit
+        return pairs
     report.path = str(path)
     report.sampled = bool(sample) and raw.meta["rows"] >= (min(sample, max_rows) if max_rows else sample)
     if tokenizer is not None:
@@ -265,6 +274,27 @@ def inspect_file(path: str | Path, tokenizer=None, data_format: str = "auto", co
             report.example_segments = segments_for_preview(report.example, tokenizer, train_on_source)
         except Exception as e:  # noqa: BLE001 - the preview is optional; the drop was already counted
             log.debug("no preview: %s", e)
+    return report
+
+
+def _as_preferences(path, raw: RawRows, tokenizer, data_format: str, column_map: dict | None, max_length: int,
+                    system_prompt: str, max_rows: int, source: Source | None) -> DataReport | None:
+    """A file (or Hub dataset) of preference pairs that no SFT format reads: its preference report, as method dpo
+    and orpo would read it, with a note saying so; `check-data` has no method setting, and a pairs file there used
+    to end in "Cannot tell the dataset format". None when it does not hold pairs (the SFT error stands)."""
+    if data_format != "auto" or not {"chosen", "rejected"} <= set(ColumnPlan(raw.columns, column_map).columns):
+        return None
+    from ..config import DataConfig
+    from .preference import inspect_preferences
+
+    src = source if source is not None else source_for(DataConfig(data_path=str(path)))
+    cfg = DataConfig(data_path=str(path), column_map=column_map or {}, max_length=max_length,
+                     system_prompt=system_prompt or "", max_rows=max_rows or 0,
+                     **({"data_config": src.config, "data_split": src.split, "data_revision": src.revision}
+                        if src is not None else {}))
+    report = inspect_preferences(cfg, tokenizer)
+    report.warnings.append("These rows are preference pairs ('chosen' and 'rejected'): train them with method dpo "
+                           "or orpo (--method dpo); method sft cannot use them.")
     return report
 
 

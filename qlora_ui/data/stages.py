@@ -104,6 +104,30 @@ def _touch(folder: Path) -> None:
         pass
 
 
+def _stage(name: str, key: str, need: int, what: str, build: Callable[[Path], None]) -> Path:
+    """The cached stage folder `name` (raw-<key>, tok-<key>), built by `build(tmp)` when missing: under a file lock
+    (another thread or rank waits, then finds it built), with `need` bytes of free disk checked first, into a
+    temporary folder renamed into place once `build` has written its meta.json (an interrupted build never looks
+    complete, and leaves no partial folder)."""
+    root = data_cache_dir()
+    final = root / name
+    if not (final / "meta.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        with _lock(key):
+            if not (final / "meta.json").is_file():
+                _need_disk(root, need, what)
+                tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir(parents=True)
+                try:
+                    build(tmp)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                _publish(tmp, final)
+    _touch(final)
+    return final
+
+
 # ---------------------------------------------------------------------------------------------------
 # Stage 1: the file's rows in Arrow
 # ---------------------------------------------------------------------------------------------------
@@ -154,27 +178,17 @@ def load_rows(path: str | Path, max_rows: int = 0, *, max_bytes: int | None = No
     p, kind, size = file_kind(path, max_bytes=max_bytes)
     digest = file_digest(p)
     key = _key("raw", digest, p.name, kind, int(max_rows or 0))
-    root = data_cache_dir()
-    final = root / f"raw-{key}"
-    if not (final / "meta.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _lock(key):
-            if not (final / "meta.json").is_file():
-                # Rows are stored as their JSON text: about the file's size again.
-                _need_disk(root, int(size * 1.3) + 64 * 2**20, f"the prepared copy of {p.name}")
-                tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir(parents=True)
-                bar = _ReadProgress(size, p.name)
-                try:
-                    sink = read_into(p, bar.sink_factory(tmp / "rows.arrow", max_rows), max_bytes=max_bytes)
-                    (tmp / "meta.json").write_text(json.dumps(_meta_of(sink, key, digest), default=str))
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                finally:
-                    bar.close()
-                _publish(tmp, final)
-    _touch(final)
+
+    def build(tmp: Path) -> None:
+        bar = _ReadProgress(size, p.name)
+        try:
+            sink = read_into(p, bar.sink_factory(tmp / "rows.arrow", max_rows), max_bytes=max_bytes)
+            (tmp / "meta.json").write_text(json.dumps(_meta_of(sink, key, digest), default=str))
+        finally:
+            bar.close()
+
+    # Rows are stored as their JSON text: about the file's size again.
+    final = _stage(f"raw-{key}", key, int(size * 1.3) + 64 * 2**20, f"the prepared copy of {p.name}", build)
     return RawRows(final, json.loads((final / "meta.json").read_text()))
 
 
@@ -184,39 +198,28 @@ def _load_source_rows(src: Source, max_rows: int, *, max_bytes: int | None) -> R
     loaded = load_split(src, max_bytes=max_bytes)
     ds = loaded.dataset
     key = _key("raw", "source", src.kind, src.ref, src.config, src.split, loaded.revision, int(max_rows or 0))
-    root = data_cache_dir()
-    final = root / f"raw-{key}"
-    if not (final / "meta.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _lock(key):
-            if not (final / "meta.json").is_file():
-                _need_disk(root, int(loaded.size * 1.3) + 64 * 2**20, f"the prepared copy of {src.shown}")
-                tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir(parents=True)
-                try:
-                    sink = ArrowSink(tmp / "rows.arrow", src.shown, "dataset", max_rows)
-                    try:
-                        for batch in ds.with_format("arrow").iter(batch_size=BATCH):  # honours a select()
-                            for rec in batch.to_pylist():
-                                if sink.full:
-                                    break
-                                sink.add(f"row {sink.rows_seen + 1}", rec)
-                    finally:
-                        sink.close()
-                    if not sink.n:
-                        raise DataError(f"{src.shown} holds no rows. Pick another split or subset.")
-                    meta = _meta_of(sink, key, loaded.revision)
-                    # What the run's dataset.json records: where the rows came from, and a digest of the rows
-                    # themselves (the same rows always write the same Arrow bytes).
-                    meta.update(source={"kind": src.kind, "ref": src.ref, "config": src.config, "split": src.split},
-                                revision=loaded.revision,
-                                fingerprint=file_digest(tmp / "rows.arrow"))
-                    (tmp / "meta.json").write_text(json.dumps(meta, default=str))
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                _publish(tmp, final)
-    _touch(final)
+
+    def build(tmp: Path) -> None:
+        sink = ArrowSink(tmp / "rows.arrow", src.shown, "dataset", max_rows)
+        try:
+            for batch in ds.with_format("arrow").iter(batch_size=BATCH):  # honours a select()
+                for rec in batch.to_pylist():
+                    if sink.full:
+                        break
+                    sink.add(f"row {sink.rows_seen + 1}", rec)
+        finally:
+            sink.close()
+        if not sink.n:
+            raise DataError(f"{src.shown} holds no rows. Pick another split or subset.")
+        meta = _meta_of(sink, key, loaded.revision)
+        # What the run's dataset.json records: where the rows came from, and a digest of the rows themselves (the
+        # same rows always write the same Arrow bytes).
+        meta.update(source={"kind": src.kind, "ref": src.ref, "config": src.config, "split": src.split},
+                    revision=loaded.revision, fingerprint=file_digest(tmp / "rows.arrow"))
+        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+
+    final = _stage(f"raw-{key}", key, int(loaded.size * 1.3) + 64 * 2**20, f"the prepared copy of {src.shown}",
+                   build)
     return RawRows(final, json.loads((final / "meta.json").read_text()))
 
 
@@ -359,29 +362,18 @@ def load_tokens(raw: RawRows, settings: Settings, tokenizer):
 
     key = _key("tok", raw.key, settings.fmt, settings.plan.column_map, settings.system_prompt,
                settings.train_on_source, tokenizer_fingerprint(tokenizer))
-    root = data_cache_dir()
-    final = root / f"tok-{key}"
-    if not (final / "meta.json").is_file():
-        with _lock(key):
-            if not (final / "meta.json").is_file():
-                rows = raw.dataset()
-                arrow_bytes = (raw.folder / "rows.arrow").stat().st_size
-                _need_disk(root, 2 * arrow_bytes + 64 * 2**20, "the tokenized dataset")
-                tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-                tmp.mkdir(parents=True)
-                try:
-                    out = rows.map(RowEncoder(settings, tokenizer), batched=True, batch_size=BATCH,
-                                   input_columns=None, remove_columns=rows.column_names,
-                                   num_proc=_num_proc(len(rows)), cache_file_name=str(tmp / "rows.arrow"),
-                                   new_fingerprint=key, desc="Preparing dataset")
-                    files = [Path(f["filename"]).name for f in out.cache_files]
-                    del out
-                    (tmp / "meta.json").write_text(json.dumps({"key": key, "files": files}))
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                _publish(tmp, final)
-    _touch(final)
+
+    def build(tmp: Path) -> None:
+        rows = raw.dataset()
+        out = rows.map(RowEncoder(settings, tokenizer), batched=True, batch_size=BATCH, input_columns=None,
+                       remove_columns=rows.column_names, num_proc=_num_proc(len(rows)),
+                       cache_file_name=str(tmp / "rows.arrow"), new_fingerprint=key, desc="Preparing dataset")
+        files = [Path(f["filename"]).name for f in out.cache_files]
+        del out
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "files": files}))
+
+    arrow_bytes = (raw.folder / "rows.arrow").stat().st_size
+    final = _stage(f"tok-{key}", key, 2 * arrow_bytes + 64 * 2**20, "the tokenized dataset", build)
     files = json.loads((final / "meta.json").read_text())["files"]
     parts = [Dataset.from_file(str(final / f)) for f in files]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

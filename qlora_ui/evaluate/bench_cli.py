@@ -49,7 +49,9 @@ def eval_main(args) -> int:
     # lm-eval warns about choices made here on purpose (a loaded model, not a name; rows from memory): not for users.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
-    from .benchmarks import DEFAULT_BATCH_SIZE, EvalRequest, format_table, run_benchmarks, split_tasks
+    from .bench_request import DEFAULT_BATCH_SIZE, EvalRequest, split_tasks
+    from .bench_results import format_table
+    from .bench_run import run_benchmarks
 
     run = _open(args.run, args.runs_dir)
     also = [_open(a, args.runs_dir) for a in split_tasks(args.also)]

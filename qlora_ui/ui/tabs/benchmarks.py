@@ -1,7 +1,7 @@
 """Evaluate tab, benchmarks section: a run's adapter on vs off through lm-evaluation-harness, in the background.
 
 Pick a run (and other runs to compare), tasks (the shipped example, your own JSONL, lm-eval task names), rows per
-task and few-shot examples; Start runs qlora_ui.evaluate.benchmarks in a thread whose progress a timer shows. The
+task and few-shot examples; Start runs qlora_ui.evaluate.bench_job in a thread whose progress a timer shows. The
 result table (base vs adapter, stderr, difference) comes from the run's eval/<timestamp>.json, like every past
 result listed below it.
 """
@@ -15,7 +15,8 @@ from typing import Any
 import gradio as gr
 
 from ...config import PRESETS_DIR
-from ...evaluate.benchmarks import HEADERS, EvalRequest, list_results, read_result, split_tasks, table_lines
+from ...evaluate.bench_request import EvalRequest, split_tasks
+from ...evaluate.bench_results import HEADERS, list_results, read_result, table_lines
 from ...evaluate.local_tasks import looks_like_file
 from ...studio import Studio
 from ..feedback import USER_ERRORS, progress_bar, state_colour, user_error
@@ -114,8 +115,10 @@ def start_benchmark(studio: Studio, c: dict, values: dict) -> dict:
         for r in [run, *also]:
             studio.check_model(r.config().model)
         limit = int(v["limit"] or 0) or None  # 0 or empty: every row
+        # The app's --allowed-datasets bounds the lm-eval tasks a visitor may name, as it bounds training data.
         studio.benchmarks.start(EvalRequest(run, tasks, limit=limit, num_fewshot=v["fewshot"], also=also,
-                                            chat_template=bool(v["chat_template"])))
+                                            chat_template=bool(v["chat_template"]),
+                                            allowed_datasets=studio.allowed_datasets))
     except USER_ERRORS as e:
         raise user_error(e) from None
     return {c["progress"]: progress_html("running", 0.0, "starting"), c["timer"]: gr.Timer(active=True),

@@ -1,8 +1,8 @@
-"""Benchmarks through lm-evaluation-harness: a run's own 4-bit base with its adapter off and on (and other runs'
-adapters), on lm-eval tasks whose data this machine has (the Hugging Face cache) and on the user's own JSONL
+"""A benchmark run through lm-evaluation-harness: a run's own 4-bit base with its adapter off and on (and other
+runs' adapters), on lm-eval tasks whose data this machine has (the Hugging Face cache) and on the user's own JSONL
 (local_tasks.py). lm-eval builds the prompts, runs the model through its HFLM wrapper and computes the metrics with
 their standard errors; this module loads the models the way the app does, reports progress, and writes
-RUN/eval/<timestamp>.json.
+RUN/eval/<timestamp>.json (bench_results.py).
 
 The evaluated model is its own instance, loaded here and dropped afterwards: a model that generated is never
 trained (modeling.mark_generated), and the training model is never touched.
@@ -10,26 +10,21 @@ trained (modeling.mark_generated), and the training model is never touched.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, RunConfig
-from ..errors import BusyError, RunError, UserError
-from ..runs import RunDir, atomic_write_text
-from .local_tasks import LocalTask, looks_like_file, read_task_file, task_config
+from ..config import RunConfig
+from ..runs import RunDir
+from .bench_request import EvalRequest, check_lm_eval_tasks, check_request
+from .bench_results import write_result
+from .local_tasks import LocalTask, task_config
 
-log = logging.getLogger(__name__)
-
-EVAL_DIR = "eval"
 FORMAT = 1
-DEFAULT_BATCH_SIZE = 16
 # lm-eval bootstraps the stderr of a few metrics (f1, mcc, bleu...); a mean has a closed form and ignores this.
 BOOTSTRAP_ITERS = 1000
 FEWSHOT_SEED = 1234
@@ -46,17 +41,6 @@ class BenchmarkStopped(Exception):
 
 
 @dataclass
-class EvalRequest:
-    run: RunDir
-    tasks: list[str]  # lm-eval task names, or paths of JSONL task files
-    limit: int | None = None  # rows per task (None: all)
-    num_fewshot: int | None = None  # None: the task's own default (0 for files)
-    also: list[RunDir] = field(default_factory=list)  # other runs whose adapters are evaluated too
-    chat_template: bool = False  # lm-eval's apply_chat_template: prompts rendered as a chat
-    batch_size: int = DEFAULT_BATCH_SIZE
-
-
-@dataclass
 class Model:
     """One model evaluated: a base (adapters off) or one run's adapter on that base."""
 
@@ -69,100 +53,6 @@ class Model:
     @property
     def adapter_name(self) -> str:
         return f"a_{self.run.name}" if self.run is not None else ""
-
-
-# ---- checking a request (before any model loads) ----
-
-def _int_or_none(value: Any, name: str, low: int, problems: list[str], fix: str) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        f = float(value)
-        if not f.is_integer():
-            raise ValueError
-        n = int(f)
-    except (TypeError, ValueError):
-        problems.append(f"{name}: '{value}' is not a whole number. {fix}")
-        return None
-    if n < low:
-        problems.append(f"{name}: {n} is below {low}. {fix}")
-        return None
-    return n
-
-
-def split_tasks(text: str | list[str]) -> list[str]:
-    items = text.split(",") if isinstance(text, str) else list(text)
-    return [t.strip() for t in items if t and t.strip()]
-
-
-def check_request(req: EvalRequest) -> list[str | LocalTask]:
-    """Every problem a request has that can be seen without lm-eval's task index, at once. A broken task file
-    alone raises its own DataError (lines named); several problems come as one ConfigError."""
-    problems: list[UserError] = []
-    loose: list[str] = []
-    limit = _int_or_none(req.limit, "limit", 1, loose, "Give how many rows per task to score, or leave it empty "
-                                                       "for all.")
-    shots = _int_or_none(req.num_fewshot, "num_fewshot", 0, loose, "Give 0 or more examples, or leave it empty "
-                                                                   "for the task's default.")
-    batch = _int_or_none(req.batch_size, "batch_size", 1, loose, "Give 1 or more.")
-    req.limit, req.num_fewshot, req.batch_size = limit, shots, batch or DEFAULT_BATCH_SIZE
-    for run in [req.run, *req.also]:
-        if not run.has_adapter():
-            loose.append(f"run {run.name} has no adapter yet (a run saves one when it stops or finishes). Wait for "
-                         "it, or pick another run.")
-    if len({r.path.resolve() for r in [req.run, *req.also]}) < 1 + len(req.also):
-        loose.append("runs: a run is listed twice. Pick each run once.")
-    specs: list[str | LocalTask] = []
-    if not req.tasks:
-        loose.append("tasks: none given. Pick the example task, upload a JSONL file, or type an lm-eval task name "
-                     "such as arc_easy.")
-    for t in req.tasks:
-        if looks_like_file(t):
-            try:
-                specs.append(read_task_file(t))
-            except UserError as e:
-                problems.append(e)
-        else:
-            specs.append(t)
-    names = [s.name if isinstance(s, LocalTask) else s for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        loose.append(f"tasks: {', '.join(dupes)} listed twice. Give each task once (two files need two names).")
-    if problems and not loose and len(problems) == 1:
-        raise problems[0]
-    if problems or loose:
-        raise ConfigError(loose + [str(p) for p in problems])
-    return specs
-
-
-def check_lm_eval_tasks(names: list[str]):
-    """lm-eval's task index (include_defaults only when a named task needs it: building the index takes ~10 s),
-    with every named task loaded once, so an unknown name or data this machine lacks is refused before a model
-    loads."""
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_defaults=bool(names))
-    problems = []
-    for n in names:
-        if n not in tm.all_tasks:
-            import difflib
-
-            near = difflib.get_close_matches(n, tm.all_tasks, n=3, cutoff=0.75)
-            hint = f"Did you mean {', '.join(near)}? " if near else ""
-            problems.append(f"tasks: '{n}' is not an lm-eval task. {hint}`.venv/bin/lm-eval ls tasks` lists them; a "
-                            "file of your own needs its path ending in .jsonl.")
-            continue
-        try:
-            tm.load([n])
-        except (ConnectionError, OSError, ValueError, KeyError) as e:
-            # datasets raises ConnectionError offline ("Couldn't reach 'cais/mmlu' on the Hub"); the repo is named.
-            problems.append(f"tasks: '{n}' needs its dataset, which is not in this machine's Hugging Face cache and "
-                            f"cannot be downloaded ({str(e)[:200]}). Load it once where there is internet "
-                            f"(`lm-eval run --model dummy --tasks {n} --limit 1`) and copy ~/.cache/huggingface "
-                            "here (see docs/evaluation.md).")
-    if problems:
-        raise ConfigError(problems)
-    return tm
 
 
 # ---- the models ----
@@ -342,7 +232,7 @@ def run_benchmarks(req: EvalRequest, progress: Progress | None = None,
 
     say(0.0, "checking tasks")
     named = [t for t in tasks if isinstance(t, str)]
-    tm = check_lm_eval_tasks(named)
+    tm = check_lm_eval_tasks(named, req.allowed_datasets)
     plan = plan_models(req)
     units = sum(LOAD_SHARE + 1 + len(adapters) for _, adapters in plan)
     done_units = 0.0
@@ -414,143 +304,3 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-# ---- results on disk ----
-
-def eval_dir(run: RunDir) -> Path:
-    return run.path / EVAL_DIR
-
-
-def write_result(run: RunDir, record: dict) -> Path:
-    """RUN/eval/<timestamp>.json, written then renamed (a reader never sees half a result)."""
-    d = eval_dir(run)
-    d.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, n = d / f"{stamp}.json", 1
-    while path.exists():  # two evaluations in one second
-        n += 1
-        path = d / f"{stamp}-{n}.json"
-    atomic_write_text(path, json.dumps(record, indent=1))
-    return path
-
-
-def list_results(run: RunDir) -> list[Path]:
-    """A run's saved evaluations, newest first."""
-    d = eval_dir(run)
-    return sorted(d.glob("*.json"), key=lambda p: p.name, reverse=True) if d.is_dir() else []
-
-
-def read_result(path: Path) -> dict:
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{Path(path).name} is not a readable evaluation result ({e}). Delete it or run the "
-                       "evaluation again.") from None
-    if not isinstance(record, dict) or not isinstance(record.get("models"), list):
-        raise RunError(f"{Path(path).name} is not an evaluation result. Delete it or run the evaluation again.")
-    return record
-
-
-COLUMNS = ("model", "task", "metric", "value", "stderr", "delta")
-HEADERS = ("Model", "Task", "Metric", "Value", "± stderr", "Δ vs base")
-
-
-def result_rows(record: dict) -> list[dict]:
-    """One row per model, task and metric: base first, then each adapter with its difference from its base."""
-    delta = {(d["model"], d["task"], d["metric"]): d["delta"] for d in record.get("difference", [])}
-    rows = []
-    for m in record["models"]:
-        for task, metrics in m.get("metrics", {}).items():
-            for metric, got in metrics.items():
-                rows.append({"model": m["label"], "task": task, "metric": metric, "value": got["value"],
-                             "stderr": got["stderr"], "delta": delta.get((m["label"], task, metric))})
-    return rows
-
-
-def _fmt(v: float | None, signed: bool = False) -> str:
-    if v is None:
-        return "-"
-    return f"{v:+.4f}" if signed else f"{v:.4f}"
-
-
-def table_lines(record: dict) -> list[list[str]]:
-    """The result table as text cells (the CLI prints it, the tab shows it)."""
-    return [[r["model"], r["task"], r["metric"], _fmt(r["value"]), _fmt(r["stderr"]), _fmt(r["delta"], True)]
-            for r in result_rows(record)]
-
-
-def format_table(record: dict) -> str:
-    lines = [list(HEADERS), *table_lines(record)]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(HEADERS))]
-    return "\n".join("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                     for row in lines)
-
-
-# ---- in the background (the app) ----
-
-class BenchmarkJob:
-    """One evaluation in a thread: progress, the result or the caught error; Stop ends it at the next request."""
-
-    def __init__(self, req: EvalRequest):
-        self.req = req
-        self.run = req.run
-        self.fraction, self.message = 0.0, "waiting"
-        self.state: Literal["running", "finished", "failed", "stopped"] = "running"
-        self.path: Path | None = None
-        self.record: dict | None = None
-        self.error: BaseException | None = None
-        self.stop_event = threading.Event()
-        self.started = time.time()
-        self.thread = threading.Thread(target=self._work, daemon=True, name=f"benchmark-{req.run.name}")
-
-    def _progress(self, fraction: float, message: str) -> None:
-        self.fraction, self.message = fraction, message
-        log.info("benchmark %s: %3.0f%% %s", self.run.name, 100 * fraction, message)
-
-    def _work(self) -> None:
-        try:
-            self.path, self.record = run_benchmarks(self.req, self._progress, self.stop_event)
-            self.state = "finished"
-        except BenchmarkStopped:
-            self.state, self.message = "stopped", "stopped: nothing was written"
-        except BaseException as e:  # noqa: BLE001 - shown to the user; the app keeps serving
-            self.error = e
-            self.state = "failed"
-            self.message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e)[:400]}"
-            if not isinstance(e, UserError):
-                log.exception("benchmark of %s failed", self.run.name)
-
-    def stop(self) -> None:
-        self.stop_event.set()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-
-class BenchmarkJobs:
-    """The app's evaluations: one at a time (each loads its own 4-bit base and takes every core), the last one per
-    run kept so a page reload finds it."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.jobs: dict[str, BenchmarkJob] = {}
-
-    def running(self) -> BenchmarkJob | None:
-        return next((j for j in self.jobs.values() if j.alive), None)
-
-    def start(self, req: EvalRequest) -> BenchmarkJob:
-        with self.lock:
-            busy = self.running()
-            if busy is not None:
-                raise BusyError(f"An evaluation of {busy.run.name} is running ({busy.message}). Wait for it or "
-                                "stop it: one evaluation at a time.")
-            check_request(req)  # a broken file or value is refused at the click, not in the thread
-            job = BenchmarkJob(req)
-            self.jobs[req.run.name] = job
-            job.thread.start()
-            return job
-
-    def get(self, run_name: str | None) -> BenchmarkJob | None:
-        return self.jobs.get(run_name) if run_name else None
