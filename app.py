@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,7 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tries; then every sign-in from it is refused for 30 s, doubling up to 10 minutes "
                         "(default 20; 0 turns this off). Behind a proxy on this machine (the share link, a reverse "
                         "proxy) the address it names in X-Forwarded-For counts; where it names none, every client "
-                        "behind it shares one count.")
+                        "behind it shares one count, so one guesser can hold everyone's sign-in off: have the proxy "
+                        "set X-Forwarded-For, or use 0 there and rely on the per-user lockout.")
+    p.add_argument("--upload-max-age", type=float, default=24.0, metavar="HOURS",
+                   help="Remove uploaded files (and files copied out for downloads) from Gradio's cache once they "
+                        "are this many hours old (default 24; 0 keeps them all). A dataset a run still uses where "
+                        "it lies is kept; smaller ones are copied into their run folder when the run starts. "
+                        "Whatever this app uploaded is also removed when it stops.")
     p.add_argument("--runs-dir", default="runs", help="Folder holding the run folders (default ./runs).")
     p.add_argument("--model-root", action="append", default=[], metavar="DIR",
                    help="Folder whose model subfolders the app may load (repeatable). Default ./models.")
@@ -71,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 32).")
     p.add_argument("--chat-max-batch", type=int, default=16, metavar="N",
                    help="Chat requests decoded together in one batch (default 16).")
+    p.add_argument("--chat-dequantize", choices=["auto", "on", "off"], default="auto",
+                   help="Chat decodes from its base's 4-bit weights dequantized once (2 bytes of RAM per weight; "
+                        "1.6x faster where bitsandbytes has no fused kernel): auto = on a CPU without AVX512-BF16 "
+                        "when the copy is at most 1 GiB and 10%% of the available RAM (default), on, or off. "
+                        "Training never uses it. See docs/performance.md.")
     return p.parse_args(argv)
 
 
@@ -151,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --login-failures-per-address {args.login_failures_per_address} is negative; give a count "
               "of failed sign-ins (20 by default), or 0 to turn the per-address limit off.", file=sys.stderr)
         return 2
+    if not math.isfinite(args.upload_max_age) or args.upload_max_age < 0:
+        print(f"error: --upload-max-age {args.upload_max_age:g} is not an age; give hours (24 by default, 0.5 for "
+              "half an hour), or 0 to keep uploads.", file=sys.stderr)
+        return 2
     problem = check_exposure(args, auth)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -196,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     # Full paths on one person's local app; on a shared one, or behind a login (several people
                     # use it), a path outside the app folder shows only its last part.
                     shared=shared or bool(auth))
+    studio.chat.dequantize = args.chat_dequantize  # read when the chat base loads (qlora_ui/decode_weights.py)
     if studio.data_roots:
         import gradio as gr
 
@@ -224,7 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         # The OpenAI-compatible API on the same server (port, share link); its keys, not the login, open it.
         mount(app, studio, api_keys, exposed=shared)
         install_same_origin_guard(app, hosts, login_throttle=per_address, max_upload_request=upload_request_cap)
-        yield
+        if args.upload_max_age > 0:
+            from qlora_ui.ui.uploads import purging
+
+            async with purging(demo, args.upload_max_age * 3600, studio.files_in_use):
+                yield
+        else:
+            yield
 
     launch = dict(server_name=args.host, server_port=args.port, auth=LoginThrottle(auth) if auth else None,
                   max_file_size=args.max_file_size,

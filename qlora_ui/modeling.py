@@ -136,6 +136,9 @@ def _offline() -> bool:
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):
+    from .imports import ml_libraries
+
+    ml_libraries()  # first use on a worker thread: one import, under a lock
     from transformers import AutoTokenizer
 
     try:
@@ -191,6 +194,9 @@ def device_map():
 
 def load_base_model(path: str, m: ModelConfig, q: QuantConfig):
     """The frozen base, 4-bit when `q.load_in_4bit`, else 16-bit (bf16/fp32) for plain LoRA."""
+    from .imports import ml_libraries
+
+    ml_libraries()  # first use on a worker thread: one import, under a lock
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -6,6 +6,7 @@ run (config.PRESET_KEYS: `target_gpu_gb`, the GPU size it is made for).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -48,30 +49,37 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
 
 # ---- presets ----
 
-def user_presets_dir(presets_dir: Path = PRESETS_DIR) -> Path:
+def user_presets_dir(presets_dir: Path = PRESETS_DIR, owner: str | None = None) -> Path:
     """Presets saved from the app live apart from the bundled ones, so a save can never replace a recipe
-    that every other user of a shared app loads."""
-    return presets_dir / "user"
+    that every other user of a shared app loads. Behind a login (`owner`: the signed-in user) each user has a
+    folder of their own: nobody else lists, loads or replaces what they saved. Without a login, one folder."""
+    d = presets_dir / "user"
+    if owner is None:
+        return d
+    # User names may hold any character ('/', '..'): a readable part plus a digest, which alone tells users apart.
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", owner)[:32]
+    return d / "by-user" / f"{readable}-{hashlib.sha256(owner.encode()).hexdigest()[:16]}"
 
 
-def list_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:
-    names = {p.stem for d in (presets_dir, user_presets_dir(presets_dir)) for p in d.glob("*.yaml")}
+def list_presets(presets_dir: Path = PRESETS_DIR, owner: str | None = None) -> list[str]:
+    names = {p.stem for d in (presets_dir, user_presets_dir(presets_dir, owner)) for p in d.glob("*.yaml")}
     return sorted(n for n in names if not n.startswith("."))
 
 
-def preset_path(name: str, presets_dir: Path = PRESETS_DIR) -> Path:
+def preset_path(name: str, presets_dir: Path = PRESETS_DIR, owner: str | None = None) -> Path:
     """The file of a preset (bundled first, then the user's), or a ConfigError listing the available ones."""
     ok = re.fullmatch(_NAME, name or "")
     path = presets_dir / f"{name}.yaml"
     if ok and not path.is_file():
-        path = user_presets_dir(presets_dir) / f"{name}.yaml"
+        path = user_presets_dir(presets_dir, owner) / f"{name}.yaml"
     if not ok or not path.is_file():
-        raise ConfigError([f"preset '{_short(name)}' not found; available: {', '.join(list_presets(presets_dir))}"])
+        raise ConfigError([f"preset '{_short(name)}' not found; available: "
+                           f"{', '.join(list_presets(presets_dir, owner))}"])
     return path
 
 
-def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> RunConfig:
-    cfg = load_yaml(preset_path(name, presets_dir))
+def load_preset(name: str, presets_dir: Path = PRESETS_DIR, owner: str | None = None) -> RunConfig:
+    cfg = load_yaml(preset_path(name, presets_dir, owner))
     # Relative data paths in presets are relative to the repo, so presets work from any cwd.
     if cfg.data.data_path and not cfg.data.data_path.startswith("hf://") and not Path(cfg.data.data_path).is_absolute():
         cfg.data.data_path = str((presets_dir.parent / cfg.data.data_path).resolve())
@@ -106,24 +114,27 @@ def _lookalike_key(name: str) -> str:
     return name.lower().rstrip("._-")
 
 
-def save_preset(cfg: RunConfig, name: str, presets_dir: Path = PRESETS_DIR) -> Path:
+def save_preset(cfg: RunConfig, name: str, presets_dir: Path = PRESETS_DIR, owner: str | None = None) -> Path:
+    """Save into the user presets (`owner`'s own behind a login, see user_presets_dir); bundled presets are
+    read-only for everyone."""
     if not re.fullmatch(_NAME, name or ""):
         raise ConfigError([f"preset name '{_short(name)}': use 1-64 letters, digits, '.', '_' or '-', starting with "
                            "a letter or digit"])
     if (presets_dir / f"{name}.yaml").is_file():
         raise ConfigError([f"preset name '{name}' is a bundled preset and cannot be replaced; pick another name"])
-    out = user_presets_dir(presets_dir)
+    out = user_presets_dir(presets_dir, owner)
     # Lookalikes ('CPU-QUICKSTART', 'cpu-quickstart.') would pass for another preset in the list every user of a
     # shared app picks from; the same name (same case) replaces a user preset.
     key = _lookalike_key(name)
-    for existing in list_presets(presets_dir):
+    for existing in list_presets(presets_dir, owner):
         if existing != name and _lookalike_key(existing) == key:
             raise ConfigError([f"preset name '{name}' looks like the preset '{existing}'; pick a name that differs "
                                "by more than case or trailing punctuation"])
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.yaml"
     if not path.is_file() and sum(1 for _ in out.glob("*.yaml")) >= MAX_USER_PRESETS:
-        raise ConfigError([f"preset name '{name}': this app already holds {MAX_USER_PRESETS} saved presets; "
+        raise ConfigError([f"preset name '{name}': {'you already have' if owner else 'this app already holds'} "
+                           f"{MAX_USER_PRESETS} saved presets; "
                            f"replace one of yours (save under its name) or remove some from {out.name}/"])
     tmp = path.with_suffix(".yaml.tmp")
     save_yaml(cfg, tmp)

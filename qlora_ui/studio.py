@@ -6,14 +6,16 @@ sessions from one process, and one training at a time per app is a rule of the a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .chat import ChatEngine
 from .chat_llama import LlamaCppEngine
 from .config import ConfigError, RunConfig
-from .errors import DataError, StudioBusy, UserError
+from .errors import BusyError, DataError, StudioBusy, UserError
 from .jobs import create_job, resume_job
 from .launch import LaunchedJob
 from .runs import RunDir, list_runs, open_run
@@ -66,6 +68,10 @@ class Studio:
 
         self.benchmarks = BenchmarkJobs()  # lm-eval runs in the background, one at a time per app
         self._tokenizers: dict[str, object] = {}
+        # Data inspections per user (or browser session): one running and one waiting each (see `inspection`).
+        self._inspect = threading.Condition()
+        self._inspecting: set[str] = set()
+        self._inspect_waiting: set[str] = set()
         self._reattach()
 
     def _reattach(self) -> None:
@@ -145,6 +151,55 @@ class Studio:
 
     def runs(self) -> list[RunDir]:
         return list_runs(self.runs_dir)
+
+    @contextlib.contextmanager
+    def inspection(self, who: str | None, wait_s: float = 300.0) -> Iterator[None]:
+        """One data inspection at a time per user (`who`: the login, else the browser session; None: unlimited).
+        A second one waits for the first: the page itself sends two close together (an upload, then a changed
+        setting) and the later one must show. A third is refused at once, so one client sending many cannot
+        fill every inspection lane with its own requests while other users wait behind them."""
+        if who is None:
+            yield
+            return
+        with self._inspect:
+            if who in self._inspecting:
+                if who in self._inspect_waiting:
+                    raise BusyError("Busy: your previous data inspections are still running (one at a time per "
+                                    "user, one more may wait). This one was not started; wait for them to "
+                                    "finish, then change a setting or upload again.")
+                self._inspect_waiting.add(who)
+                try:
+                    if not self._inspect.wait_for(lambda: who not in self._inspecting, wait_s):
+                        raise BusyError("Busy: your previous data inspection is still running after "
+                                        f"{wait_s:.0f} s. Wait for it to finish, then try again.")
+                finally:
+                    self._inspect_waiting.discard(who)
+            self._inspecting.add(who)
+        try:
+            yield
+        finally:
+            with self._inspect:
+                self._inspecting.discard(who)
+                self._inspect.notify_all()
+
+    def files_in_use(self) -> set[str]:
+        """Dataset files that must outlive the upload purge (--upload-max-age): the running job's, and those runs
+        use where they lie (too big to copy into the run folder; dataset.json says so): a resume reads them again.
+        Resolved paths."""
+        import json
+
+        keep = set()
+        job = self.job
+        if job is not None and job.alive and job.cfg.data.data_path:
+            keep.add(str(Path(job.cfg.data.data_path).resolve()))
+        for record in self.runs_dir.glob("*/dataset.json"):
+            try:
+                d = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict) and d.get("path") and not d.get("copied"):
+                keep.add(str(Path(d["path"]).resolve()))
+        return keep
 
     def in_use(self, run: RunDir) -> bool:
         return self.busy() and self.job.run.path.resolve() == run.path.resolve()

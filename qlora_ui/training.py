@@ -265,6 +265,9 @@ class TrainingJob:
         return self.state
 
     def _train(self) -> None:
+        from .imports import ml_libraries
+
+        ml_libraries()  # this thread may be the first to import transformers (qlora_ui/imports.py says why)
         from .data import prepare_dataset
         from .modeling import load_for_training, trainable_parameters
 

@@ -551,7 +551,9 @@ def test_bundled_presets_cannot_be_replaced(secured):
             api.predict(name, *vals, api_name="/save_preset")
     assert hashlib.sha256(bundled.read_bytes()).hexdigest() == digest
     assert not list((ROOT / "presets").glob(".*.yaml")) and not list((ROOT / "presets").glob(".yaml"))
-    user = ROOT / "presets" / "user" / "sec-test-mine.yaml"
+    from qlora_ui.presets import user_presets_dir
+
+    user = user_presets_dir(ROOT / "presets", AUTH[0]) / "sec-test-mine.yaml"  # behind a login: alice's own
     try:
         api.predict("sec-test-mine", *vals, api_name="/save_preset")
         assert user.is_file() and "999999" in user.read_text()
@@ -561,6 +563,16 @@ def test_bundled_presets_cannot_be_replaced(secured):
         assert loaded[FORM.keys.index("max_steps")] != 999999
     finally:
         user.unlink(missing_ok=True)
+        _remove_empty(user.parent)
+
+
+def _remove_empty(folder: Path) -> None:
+    """A user's preset folder and presets/user/by-user/ once a test has removed its presets (others may remain)."""
+    for d in (folder, folder.parent):
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 @pytest.mark.slow
@@ -1154,3 +1166,185 @@ def test_one_upload_request_carries_at_most_one_file_s_worth(secured):
     r = c.post("/gradio_api/upload", files={"files": ("one.jsonl", b"x" * (CAP - 100))})
     assert r.status_code == 200 and len(r.json()) == 1
     assert secured["proc"].poll() is None
+
+
+@pytest.mark.parametrize("age", ["-1", "nan", "inf"])
+def test_an_upload_age_that_is_not_an_age_is_refused(age, tmp_path):
+    out = app_exit("--upload-max-age", age, tmp=tmp_path)
+    assert out.returncode == 2, out
+    assert "--upload-max-age" in out.stderr and "0 to keep" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_stale_uploads_are_purged_but_not_a_file_a_run_needs(tmp_path, tiny_model_dir):
+    """Issue 24, security 6d: Gradio's upload cache was never purged. With --upload-max-age an old upload goes,
+    a fresh one stays, a dataset a run uses where it lies stays (a resume reads it), and a run started on an
+    upload that is purged meanwhile trains on (it copied its data into its folder at the start)."""
+    from tests.fault_helpers import start_app
+
+    age_s = 6.0
+    cache = tmp_path / "gradio-cache"
+    proc, url = start_app(tmp_path, tiny_model_dir, "--upload-max-age", str(age_s / 3600),
+                          env_extra={"GRADIO_TEMP_DIR": str(cache)})
+    try:
+        c = httpx.Client(base_url=url, timeout=60)
+        old = Path(upload(c, write_rows(tmp_path / "old.jsonl", 10))["path"])
+        big = Path(upload(c, write_rows(tmp_path / "big.jsonl", 12))["path"])
+        trained = upload(c, write_rows(tmp_path / "trained.jsonl"))
+        assert all(p.is_file() and cache in p.parents for p in (old, big, Path(trained["path"])))
+        # A run on a dataset too big to copy into its folder (over 50 MB) records where it lies: the upload.
+        held = tmp_path / "runs" / "20260105-000000-big"
+        held.mkdir(parents=True)
+        (held / "config.yaml").write_text("name: big\n")
+        (held / "dataset.json").write_text(json.dumps({"path": str(big), "name": big.name, "copied": False}))
+        vals = form(fast_cfg(tmp_path / "models" / "tiny", tmp_path / "trained.jsonl", max_steps=40, save_steps=20,
+                             name="purged"), data_path=trained)
+        assert queue_call(c, "start_training", vals)[-1]["success"] is True
+        wait_for(lambda: not old.exists(), 60, "the old upload to be purged")
+        fresh = Path(upload(c, write_rows(tmp_path / "fresh.jsonl", 11))["path"])
+        assert fresh.is_file() and big.is_file()
+        wait_for(lambda: not Path(trained["path"]).exists(), 60, "the training's upload to be purged")
+        run = next(p for p in run_dirs(tmp_path / "runs") if p.name.endswith("-purged"))
+        status = wait_for(lambda: (s := json.loads((run / "status.json").read_text()))["state"] in
+                          ("finished", "failed", "stopped") and s, 300, "the run to end")
+        assert status["state"] == "finished" and status["step"] == 40, status
+        assert (run / "data" / "trained.jsonl").is_file()  # its own copy, which a resume reads
+        assert big.is_file() and proc.poll() is None
+    finally:
+        import signal
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the app shuts down as a person stops it
+        proc.wait(30)
+    assert big.is_file() and not fresh.exists()  # at shutdown: everything of this app's but what a run needs
+
+
+@pytest.fixture(scope="module")
+def two_users(tmp_path_factory, tiny_model_dir):
+    """An app with a login for alice and bob (per-address sign-in limit off: the tests sign in often)."""
+    from tests.fault_helpers import start_app
+
+    tmp = tmp_path_factory.mktemp("two-users")
+    auth_file = tmp / "users.txt"
+    auth_file.write_text("".join(f"{u}:{p}\n" for u, p in (AUTH, BOB)))
+    auth_file.chmod(0o600)
+    proc, url = start_app(tmp, tiny_model_dir, "--auth-file", str(auth_file), "--login-failures-per-address", "0")
+    yield dict(tmp=tmp, url=url, proc=proc)
+    proc.terminate()
+    proc.wait(30)
+
+
+def signed_in(url: str, user: tuple[str, str]) -> httpx.Client:
+    c = httpx.Client(base_url=url, timeout=600)
+    r = c.post("/login", data={"username": user[0], "password": user[1]})
+    assert r.status_code == 200 and r.json() == {"success": True}, r.text
+    return c
+
+
+@pytest.mark.slow
+def test_one_user_s_inspections_never_hold_another_user_s(two_users):
+    """Issue 24, security 6b: every inspection went through one lane for everyone, so a client sending many held
+    every other user's behind them. Now each user has one running and one waiting (the page itself sends two close
+    together); a third is answered "busy" at once, and another user's inspection runs beside them."""
+    import threading
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp, url = two_users["tmp"], two_users["url"]
+    # Unique rows, so no data cache from an earlier run answers at once; long ones, so the inspection takes a while.
+    tag = uuid.uuid4().hex
+    n = 1_000_000
+    huge = tmp / f"huge-{tag[:8]}.parquet"
+    pq.write_table(pa.table({"question": [f"{tag} " + "Why is the sea salty? " * 40] * n, "answer": ["Rivers."] * n}),
+                   huge, compression="zstd")
+    small = write_rows(tmp / "small.jsonl")
+    base = fast_cfg(tmp / "models" / "tiny", small)
+    alice, bob = signed_in(url, AUTH), signed_in(url, BOB)
+    files = {"huge": upload(alice, huge), "again": upload(alice, small), "third": upload(alice, small),
+             "bob": upload(bob, small)}
+    who = {"huge": alice, "again": alice, "third": alice, "bob": bob}
+    done: dict = {}
+
+    def inspect(key: str) -> None:
+        msgs = queue_call(who[key], "inspect_data", form(base, data_path=files[key]))
+        done[key] = (msgs[-1], time.time())
+
+    t0 = time.time()
+    threads = []
+    for key, pause in [("huge", 1.0), ("again", 0.5), ("third", 0.5), ("bob", 0.0)]:
+        threads.append(threading.Thread(target=inspect, args=(key,), daemon=True))
+        threads[-1].start()
+        time.sleep(pause)
+    for t in threads:
+        t.join(300)
+    assert set(done) == {"huge", "again", "third", "bob"}, done.keys()
+    ends = {k: round(v[1] - t0, 1) for k, v in done.items()}
+    print("inspections ended at (s):", ends)
+    third = done["third"][0]
+    assert third["success"] is False and "Busy" in str(third["output"]), third
+    assert ends["third"] < ends["huge"] and ends["third"] < 10, ends  # answered at once, not after the others
+    assert done["bob"][0]["success"] is True and "Rows: 40 read" in str(done["bob"][0]["output"]), done["bob"]
+    assert ends["bob"] < ends["huge"], f"bob's inspection waited for alice's: {ends}"
+    assert done["huge"][0]["success"] is True and "Rows: 10000 read" in str(done["huge"][0]["output"])
+    # Alice's second waited for her first, then ran: the page's later request is the one that shows.
+    assert done["again"][0]["success"] is True and ends["again"] >= ends["huge"], (ends, done["again"])
+
+
+@pytest.mark.slow
+def test_saved_presets_belong_to_the_user_who_saved_them(two_users):
+    """Issue 24, security 7: behind a login any user listed, loaded and replaced another's saved presets. Now each
+    user's are their own; the bundled ones stay shared and read-only."""
+    from gradio_client import Client
+
+    from qlora_ui.presets import user_presets_dir
+
+    url, tmp = two_users["url"], two_users["tmp"]
+    alice, bob = Client(url, auth=AUTH, verbose=False), Client(url, auth=BOB, verbose=False)
+    name = f"mine-{uuid.uuid4().hex[:8]}"
+    vals = form(fast_cfg(tmp / "models" / "tiny", write_rows(tmp / "p.jsonl"), max_steps=111), data_path=None)
+    steps = FORM.keys.index("max_steps")
+    files = [user_presets_dir(ROOT / "presets", u) / f"{name}.yaml" for u in (AUTH[0], BOB[0])]
+    try:
+        listed = alice.predict(name, *vals, api_name="/save_preset")
+        assert listed["value"] == name and files[0].is_file() and not files[1].exists()
+        assert alice.predict(name, api_name="/load_preset")[steps] == 111
+        # Bob neither sees nor loads it ...
+        # (Gradio's own check answers first: the name is not among the choices his session was given.)
+        with pytest.raises(AppError, match="not found|not in the list of choices"):
+            bob.predict(name, api_name="/load_preset")
+        # ... and his save under the same name is his own, leaving alice's as it was.
+        vals[steps] = 222
+        bob.predict(name, *vals, api_name="/save_preset")
+        files.append(files[1].with_name(f"{name}-bob.yaml"))
+        bob.predict(f"{name}-bob", *vals, api_name="/save_preset")
+        listed = str(alice.predict(name, *vals[:steps], 111, *vals[steps + 1:], api_name="/save_preset")["choices"])
+        assert name in listed and f"{name}-bob" not in listed and "cpu-quickstart" in listed, listed
+        assert alice.predict(name, api_name="/load_preset")[steps] == 111
+        assert bob.predict(name, api_name="/load_preset")[steps] == 222
+        # The bundled ones: everyone loads them, nobody replaces them.
+        assert bob.predict("cpu-quickstart", api_name="/load_preset")[steps] not in (111, 222)
+        with pytest.raises(AppError, match="bundled preset"):
+            bob.predict("cpu-quickstart", *vals, api_name="/save_preset")
+        # The page's list: each signed-in user sees the bundled presets and their own only.
+        page = httpx.Client(base_url=url, timeout=60)
+        assert page.post("/login", data={"username": BOB[0], "password": BOB[1]}).status_code == 200
+        assert name not in str(page.get("/config").json())  # not built into the page everyone is served
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+            _remove_empty(f.parent)
+
+
+@pytest.mark.slow
+def test_run_folder_shows_only_its_last_part_behind_a_login(two_users):
+    """Issue 24, newcomer 9, the shared side: a login means several people use the app, so a run's folder shows
+    only its last part, never the server's layout (a local app shows it relative to its start folder:
+    test_browser_newcomer.py)."""
+    run = two_users["tmp"] / "runs" / "20260106-000000-capitals"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: capitals\n")
+    details = runs_client(two_users["url"]).predict(run.name, api_name="/run_details")[0]
+    folder = details.split("Folder: ", 1)[1].split(" · ", 1)[0].replace("\\", "")
+    assert folder == f".../{run.name}", details
+    assert str(two_users["tmp"]) not in details.replace("\\", ""), details

@@ -80,6 +80,9 @@ def plan_models(req: EvalRequest) -> list[tuple[Model, list[Model]]]:
 def _load(base: Model, adapters: list[Model]):
     """The run's base exactly as the run quantized it (modeling.load_base_model), with every adapter attached
     under its own name; returns (peft model, tokenizer)."""
+    from ..imports import ml_libraries
+
+    ml_libraries()  # a benchmark thread may be the first to import transformers (imports.py says why)
     from peft import PeftModel
 
     from ..chat import uses_dora

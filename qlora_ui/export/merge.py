@@ -49,6 +49,10 @@ def dequantized_weights(model_path: str, run_cfg) -> dict[str, object]:
 def merge_model(run: RunDir, merge_into: Literal["dequantized", "base"] = DEFAULT_MERGE_INTO):
     """(the merged 16-bit transformers model, its tokenizer). Loads fresh instances: never one that generated."""
     import torch
+
+    from ..imports import ml_libraries
+
+    ml_libraries()  # an export thread may be the first to import transformers (imports.py says why)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -82,6 +82,9 @@ def check_modelfile_text(system_prompt: str) -> None:
 
 def ollama_modelfile(gguf_name: str, merged: Path, system_prompt: str = "") -> str:
     """FROM the GGUF beside it, TEMPLATE from the model's chat template, stop tokens, and a system prompt."""
+    from ..imports import ml_libraries
+
+    ml_libraries()  # an export thread may be the first to import transformers (imports.py says why)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged)

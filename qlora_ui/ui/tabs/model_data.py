@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from ...config import BUNDLED_MODEL, RunConfig
+from ...errors import BusyError
 from ...studio import Studio
 from ..feedback import USER_ERRORS, error_text, md_text, pre_block, user_error
 from ..form import Form
@@ -27,6 +28,10 @@ PREVIEW_SAMPLE_ROWS = 2000
 INSPECT_MAX_ROWS = 10_000
 BOUNDED_NOTE = (f" (the first {INSPECT_MAX_ROWS:,} rows only: the panel reads no more; training reads the whole "
                 "file)")
+# Inspections running or waiting at once, all users together. Each user holds at most two (one running, one
+# waiting: Studio.inspection), so two users always inspect side by side; one lane for everyone let a client
+# sending many inspections queue every other user behind them.
+INSPECT_LANES = 4
 # Settings that change what the preview shows (with the file box and the column map).
 PREVIEW_KEYS = ["data_format", "max_length", "train_on_source", "system_prompt", "base_model", "max_rows",
                 "load_in_4bit", "quant_type", "double_quant", "compute_dtype"]
@@ -297,11 +302,19 @@ def outputs(c: dict) -> list:
 def wire(studio: Studio, form: Form, c: dict) -> None:
     # One listener for every trigger, run one at a time with the latest values: a slow inspection
     # started by an earlier change can never overwrite the result of a later upload.
-    def inspect(values: dict, progress=gr.Progress(track_tqdm=True)):
-        yield from inspect_data_live(studio, form, c, values, progress)
+    # Each user (login, else browser session) has one inspection running and one waiting (Studio.inspection);
+    # more are refused at once. The lanes are shared by all users: two users' inspections run side by side, and
+    # one user's burst waits behind nobody else's file.
+    def inspect(values: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        who = getattr(request, "username", None) or getattr(request, "session_hash", None)
+        try:
+            with studio.inspection(who):
+                yield from inspect_data_live(studio, form, c, values, progress)
+        except BusyError as e:
+            raise user_error(e) from None
 
-    live = dict(fn=inspect, inputs=form.inputs, outputs=outputs(c), show_progress="minimal", concurrency_limit=1,
-                concurrency_id="inspect", trigger_mode="always_last")
+    live = dict(fn=inspect, inputs=form.inputs, outputs=outputs(c), show_progress="minimal",
+                concurrency_limit=INSPECT_LANES, concurrency_id="inspect", trigger_mode="always_last")
     file_box, column_map = form["data_path"], form["column_map"]
     gr.on([file_box.upload, file_box.clear, column_map.blur, column_map.submit, *form.changes(*PREVIEW_KEYS)],
           **live, api_name="inspect_data")

@@ -80,27 +80,41 @@ def global_batch_text(batch_size, grad_accum, processes) -> str:
 
 # ---- presets ----
 
-def apply_preset(studio: Studio, form: Form, name: str | None) -> dict:
+def preset_owner(request: gr.Request | None) -> str | None:
+    """Whose saved presets a request sees: the signed-in user's behind a login (nobody else lists, loads or
+    replaces them), the one shared folder without a login (one person's app)."""
+    return getattr(request, "username", None) or None
+
+
+def apply_preset(studio: Studio, form: Form, name: str | None, owner: str | None = None) -> dict:
     from ...config import load_preset
 
     if not name:
         return gr.skip()
     try:
-        cfg = load_preset(name, studio.presets_dir)
+        cfg = load_preset(name, studio.presets_dir, owner)
     except USER_ERRORS as e:
         raise user_error(e) from None
     return form.updates(cfg, keep_file=True)  # the user's uploaded dataset stays when the preset names none
 
 
-def save_as_preset(studio: Studio, form: Form, name: str | None, values: dict) -> Any:
+def save_as_preset(studio: Studio, form: Form, name: str | None, values: dict, owner: str | None = None) -> Any:
     from ...config import list_presets, save_preset
 
     try:
-        path = save_preset(form.to_config(values), (name or "").strip(), studio.presets_dir)
+        path = save_preset(form.to_config(values), (name or "").strip(), studio.presets_dir, owner)
     except USER_ERRORS as e:
         raise user_error(e) from None
     gr.Info(f"Saved preset {path.stem}")
-    return gr.update(choices=list_presets(studio.presets_dir), value=path.stem)
+    return gr.update(choices=list_presets(studio.presets_dir, owner), value=path.stem)
+
+
+def preset_choices(studio: Studio, owner: str | None) -> Any:
+    """On page load: the bundled presets and the ones this user saved (the page is built once, for everyone,
+    before anyone signs in)."""
+    from ...config import list_presets
+
+    return gr.update(choices=list_presets(studio.presets_dir, owner))
 
 
 # ---- training ----
@@ -258,6 +272,7 @@ def build(studio: Studio, form: Form, preset: str | None) -> dict[str, Any]:
     c: dict[str, Any] = {}
     initial = form.initial
     with gr.Row():
+        # The shared list; behind a login, each page load adds that user's own (preset_choices).
         c["preset"] = gr.Dropdown(choices=list_presets(studio.presets_dir), value=preset,
                                   label="Preset", info="Loads a saved recipe into the form.", scale=2)
         form.render("name")
@@ -320,11 +335,15 @@ def wire(studio: Studio, form: Form, c: dict) -> None:
           api_name=False)
 
     # Presets. Stable API names: scripts drive the app with gradio_client (see README).
-    c["preset"].change(lambda name: apply_preset(studio, form, name), c["preset"], form.outputs,
-                       api_name="load_preset")
+    def load(name: str | None, request: gr.Request):
+        return apply_preset(studio, form, name, preset_owner(request))
+
+    def save(request: gr.Request, name: str | None, *vals):  # Gradio passes the request to positional ones only
+        return save_as_preset(studio, form, name, dict(zip(form.outputs, vals)), preset_owner(request))
+
+    c["preset"].change(load, c["preset"], form.outputs, api_name="load_preset")
     # A list, not a set, of inputs: API clients pass the preset's name first, then the form in its API order.
-    c["save_preset"].click(lambda name, *vals: save_as_preset(studio, form, name, dict(zip(form.outputs, vals))),
-                           [c["preset_name"], *form.outputs], c["preset"], api_name="save_preset")
+    c["save_preset"].click(save, [c["preset_name"], *form.outputs], c["preset"], api_name="save_preset")
 
     # Training
     c["start"].click(lambda v: start_training(studio, form, v), form.inputs, c["progress"],
@@ -332,10 +351,12 @@ def wire(studio: Studio, form: Form, c: dict) -> None:
     c["stop"].click(lambda: stop_training(studio), None, None, api_name="stop_training")
     c["resume_run"].change(lambda r: resume_info(studio, r), c["resume_run"], c["resume_info"], api_name=False)
     c["resume_run"].change(lambda r: retry_button(studio, r), c["resume_run"], c["retry_smaller"], api_name=False)
+    # Once a resume has started, the progress line is the truth: the note beside Resume ("interrupted … continues
+    # from checkpoint-20") stayed after the resumed run had finished.
     c["retry_smaller"].click(lambda r: retry_smaller(studio, r), c["resume_run"], c["progress"],
-                             api_name="retry_smaller")
+                             api_name="retry_smaller").success(lambda: "", None, c["resume_info"], api_name=False)
     c["resume"].click(lambda r: resume_training(studio, r), c["resume_run"], c["progress"],
-                      api_name="resume_training")
+                      api_name="resume_training").success(lambda: "", None, c["resume_info"], api_name=False)
     batch = [form[k] for k in BATCH_KEYS]
     gr.on([b.change for b in batch], global_batch_text, batch, c["global_batch"], show_progress="hidden",
           api_name=False)
@@ -348,5 +369,10 @@ def page_load(studio: Studio, form: Form, c: dict, demo: gr.Blocks, tabs: gr.Tab
     """On page load (and reload): the memory plan, and reattaching to a running job."""
     demo.load(lambda: restore_page(studio, form, c, tabs), None, [tabs, *form.outputs, c["progress"]],
               api_name=False)
+
+    def choices(request: gr.Request):
+        return preset_choices(studio, preset_owner(request))
+
+    demo.load(choices, None, c["preset"], api_name=False)
     demo.load(lambda v: refresh_memory(studio, form, c, v), {c["preset"], *form.inputs},
               [c["memory"]["plot"], c["memory"]["verdict"]], api_name=False)
