@@ -90,3 +90,26 @@ def test_dpo_from_the_form_draws_reward_curves_stops_and_chats(browser, tmp_path
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_data_panel_reads_the_file_again_when_method_changes(browser, tmp_path, tiny_model_dir):
+    """Upload first, pick Method after: the panel follows the method (it used to keep the SFT reading)."""
+    pairs = tmp_path / "pairs.jsonl"
+    with open(ROOT / "presets" / "data" / "pirate-preferences.jsonl") as f:
+        pairs.write_text("".join(next(f) for _ in range(12)))
+    proc, url = start_app(tmp_path, tiny_model_dir)
+    try:
+        page = open_app(browser.new_page(viewport=VIEWPORT), url)
+        use_tiny_model(page, tmp_path / "models")
+        upload(page, pairs)  # Method is still sft: the pairs are shown with the note naming the methods
+        page.wait_for_selector("#data-summary:has-text('method dpo or orpo')", timeout=60_000)
+        page.get_by_role("tab", name="Train").click()
+        page.get_by_label("Method").click()
+        page.get_by_role("option", name="dpo", exact=True).click()
+        page.get_by_role("tab", name="Model & Data").click()
+        page.wait_for_selector("text=Chosen (preferred)", timeout=60_000)
+        summary = page.locator("#data-summary").inner_text()
+        assert "preference (standard)" in summary and "12 kept" in summary and "method dpo or orpo" not in summary
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -33,7 +33,7 @@ BOUNDED_NOTE = (f" (the first {INSPECT_MAX_ROWS:,} rows only: the panel reads no
 # sending many inspections queue every other user behind them.
 INSPECT_LANES = 4
 # Settings that change what the preview shows (with the file box and the column map).
-PREVIEW_KEYS = ["data_format", "max_length", "train_on_source", "system_prompt", "base_model", "max_rows",
+PREVIEW_KEYS = ["data_format", "max_length", "train_on_source", "system_prompt", "base_model", "max_rows", "method",
                 "load_in_4bit", "quant_type", "double_quant", "compute_dtype"]
 
 
