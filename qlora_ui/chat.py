@@ -67,7 +67,15 @@ def adapter_choices(run_dir: Path) -> list[Path]:
 class ChatEngine:
     """One loaded 4-bit base with adapters switched on and off. Generation is serialised by a lock."""
 
-    def __init__(self):
+    def __init__(self, dequantize: str = "auto"):
+        from .decode_weights import MODES
+
+        if dequantize not in MODES:
+            raise ChatError(f"Chat dequantize: {dequantize!r} is not a mode; use one of {', '.join(MODES)}.")
+        # Decode from the base's 4-bit weights dequantized once (decode_weights.py): auto = where bitsandbytes has
+        # no fused 4-bit kernel (a CPU without AVX512-BF16) and the copy is small.
+        self.dequantize = dequantize
+        self.decoding_from = ""  # what the loaded base decodes from, and why (logged, and read by tests)
         self.lock = threading.Lock()  # guards the model: loading, adapter switching, generating
         self.key: tuple | None = None
         self.model = None  # PeftModel once an adapter is loaded, else the base
@@ -92,10 +100,27 @@ class ChatEngine:
             # and DoRA's weight norm, which dequantizes that weight itself, then reads the repacked bytes as if
             # they were plain: logits were off by 0.16 on a tiny model (tests/test_lora_options.py).
             keep_4bit_layout_trainable(model)
+            self.decoding_from = "4-bit (a DoRA adapter is loaded)"
+        else:
+            self.decoding_from = self._dequantize(model)
         key = (*key, plain_layout)
         model.config.use_cache = True
         model.eval()
         self.model, self.key, self.adapters, self.dora = model, key, {}, set()
+
+    def _dequantize(self, model) -> str:
+        """Give the freshly loaded base (before its first forward) dequantized weights when the mode and budget
+        say so. DoRA keeps the 4-bit path: its weight norm is computed from the 4-bit bytes (plain layout above),
+        and one code path for it is enough."""
+        from .decode_weights import dequantize_for_decoding, should_dequantize
+
+        on, why = should_dequantize(model, self.dequantize)
+        if not on:
+            log.info("chat base decodes from its 4-bit weights: %s", why)
+            return f"4-bit ({why})"
+        added = dequantize_for_decoding(model)
+        log.info("chat base decodes from dequantized weights (+%.0f MiB): %s", added / 2**20, why)
+        return f"dequantized ({why})"
 
     def load(self, cfg: RunConfig, adapter_path: str | Path | None = None) -> str | None:
         """Make sure the base of `cfg` is loaded and the adapter (if any) attached; returns the adapter name."""

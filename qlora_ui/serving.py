@@ -244,11 +244,38 @@ def _pick(logits, r: Request, gen) -> int:
         return int(logits.argmax())
     probs = torch.softmax(logits / r.temperature, dim=-1)
     if r.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < r.top_p  # the smallest set whose mass reaches top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        probs = _nucleus(probs, r.top_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+NUCLEUS_FIRST_K = 256
+
+
+def _nucleus(probs, top_p: float):
+    """`probs` with only the smallest set of most likely tokens whose mass reaches top_p kept (the rest zero).
+
+    The nucleus is a prefix of the probabilities sorted in descending order, so it is found among the top k, k
+    growing 4x until the prefix's last token falls outside it: sorting the whole vocabulary (49,152 on the bundled
+    model) cost ~10% of a battle's decode. Its running sum is the full sort's (the same values in the same order).
+    Equal probabilities at the nucleus' edge (common: logits come in bf16) are kept lowest token id first, as a
+    stable sort orders them; `topk` orders ties arbitrarily, and so did the unstable full sort used before."""
+    import torch
+
+    n = probs.numel()
+    k = min(n, NUCLEUS_FIRST_K)
+    while True:
+        top = probs.topk(k).values
+        keep = top.cumsum(-1) - top < top_p  # the smallest set whose mass reaches top_p
+        if not bool(keep[-1]) or k == n:
+            break
+        k = min(n, k * 4)
+    size = max(1, int(keep.sum()))  # top_p <= 0 keeps the likeliest token (the full sort kept none: NaN draw)
+    edge = top[size - 1]
+    above = probs > edge
+    out = torch.where(above, probs, torch.zeros_like(probs))
+    ties = (probs == edge).nonzero().squeeze(1)[: size - int(above.sum())]
+    out[ties] = edge
+    return out
 
 
 def _prefill(model, tokenizer, batch: list[Request], forward):
