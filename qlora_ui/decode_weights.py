@@ -26,6 +26,7 @@ its LoRA and mixed-adapter code call `base_layer(x)` and never see the differenc
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Literal
 
@@ -35,9 +36,6 @@ Mode = Literal["auto", "on", "off"]
 MODES: tuple[str, ...] = ("auto", "on", "off")
 MAX_BYTES = 1 << 30
 MAX_RAM_SHARE = 0.10
-
-_dense_class = None
-
 
 def _linear4bit_layers(model) -> list:
     import bitsandbytes as bnb
@@ -97,26 +95,24 @@ def should_dequantize(model, mode: Mode) -> tuple[bool, str]:
     return True, f"the copy ({need / 2**20:.0f} MiB) is within the budget ({limit / 2**20:.0f} MiB)"
 
 
+@functools.cache
 def _dense_linear4bit():
     """The Linear4bit subclass whose forward multiplies by `dense_weight` (made once, bitsandbytes imported late:
     the engine modules import nothing heavy at import time)."""
-    global _dense_class
-    if _dense_class is None:
-        import bitsandbytes as bnb
-        import torch.nn.functional as F
+    import bitsandbytes as bnb
+    import torch.nn.functional as F
 
-        class DequantizedLinear4bit(bnb.nn.Linear4bit):
-            """A frozen Linear4bit that decodes from its weight dequantized once (`dense_weight`). Same dtype
-            handling as Linear4bit.forward: the input in the compute dtype, the output back in the input's."""
+    class DequantizedLinear4bit(bnb.nn.Linear4bit):
+        """A frozen Linear4bit that decodes from its weight dequantized once (`dense_weight`). Same dtype
+        handling as Linear4bit.forward: the input in the compute dtype, the output back in the input's."""
 
-            def forward(self, x):
-                inp_dtype = x.dtype
-                x = x.to(self.dense_weight.dtype)
-                bias = None if self.bias is None else self.bias.to(x.dtype)
-                return F.linear(x, self.dense_weight, bias).to(inp_dtype)
+        def forward(self, x):
+            inp_dtype = x.dtype
+            x = x.to(self.dense_weight.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dense_weight, bias).to(inp_dtype)
 
-        _dense_class = DequantizedLinear4bit
-    return _dense_class
+    return DequantizedLinear4bit
 
 
 def dequantize_for_decoding(model) -> int:

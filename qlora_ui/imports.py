@@ -14,20 +14,19 @@ from __future__ import annotations
 import threading
 
 _LOCK = threading.Lock()
-_READY = False
+_READY = threading.Event()  # set once the imports are done: later calls return without taking the lock
 
 
 def ml_libraries() -> None:
     """Import transformers, the lazy names the job threads use, and peft, once; later calls return at once."""
-    global _READY
-    if _READY:
+    if _READY.is_set():
         return
     with _LOCK:
-        if _READY:
+        if _READY.is_set():
             return
         import peft  # noqa: F401
         import transformers
         from transformers import AutoTokenizer, TrainerCallback, set_seed  # noqa: F401 - resolves the lazy names
 
         del transformers
-        _READY = True
+        _READY.set()

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -127,6 +128,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminal_signals() -> None:
+    """In a child before exec: Ctrl-C handled as a terminal would deliver it. In the full suite (never alone) a CLI
+    and an app each ignored a Ctrl-C: a child inherits its parent thread's signal mask and an ignored SIGINT, and
+    libraries in the test process change both around their own spawns (multiprocess's resource tracker blocks
+    SIGINT per thread), so the child starts from the defaults."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_app(tmp: Path, model_dir: Path | None, *extra: str, env_extra: dict | None = None):
     """`python app.py` on a free port, runs under tmp/runs, `model_dir` copied to tmp/models/tiny; (proc, url)
     once it answers."""
@@ -140,7 +150,7 @@ def start_app(tmp: Path, model_dir: Path | None, *extra: str, env_extra: dict | 
     log = open(tmp / f"app-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(tmp / "runs"),
                              "--model-root", str(models), *extra], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, preexec_fn=terminal_signals)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -1,5 +1,6 @@
-"""DPO in Chromium, as a user meets it (issue 27): pick Method dpo, upload preference pairs, start, see the reward
-curves drawn in the Train tab's chart, stop, and chat with the result. The app runs a tiny random Llama."""
+"""DPO in Chromium, as a user meets it (issue 27): upload preference pairs, pick Method dpo (the data panel reads the
+file again), start, see the reward curves drawn in the Train tab's chart, stop, and chat with the result. The app runs
+a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -30,16 +31,19 @@ def test_dpo_from_the_form_draws_reward_curves_stops_and_chats(browser, tmp_path
     try:
         page = open_app(browser.new_page(viewport=VIEWPORT), url)
         use_tiny_model(page, tmp_path / "models")
+        # Uploaded while Method is still sft: the pairs are shown with a note naming the methods that train them.
+        upload(page, pairs)
+        page.wait_for_selector("#data-summary:has-text('method dpo or orpo')", timeout=60_000)
         page.get_by_role("tab", name="Train").click()
         page.get_by_label("Method").click()
         page.get_by_role("option", name="dpo", exact=True).click()
 
-        # The pairs file, read as DPO reads it: the format, and one pair as the model sees it.
+        # Method dpo: the panel reads the file again as DPO reads it (it used to keep the SFT reading): the
+        # format, and one pair as the model sees it.
         page.get_by_role("tab", name="Model & Data").click()
-        upload(page, pairs)
-        page.wait_for_selector("#data-summary:has-text('preference (standard)')", timeout=60_000)
-        assert "24 kept" in page.locator("#data-summary").inner_text()
-        page.wait_for_selector("text=Chosen (preferred)", timeout=30_000)
+        page.wait_for_selector("text=Chosen (preferred)", timeout=60_000)
+        summary = page.locator("#data-summary").inner_text()
+        assert "preference (standard)" in summary and "24 kept" in summary and "method dpo or orpo" not in summary
 
         page.get_by_role("tab", name="Train").click()
         # Long enough to be stopped midway; 2 pairs a step (the preset's 8 cost ~12 s a step on a loaded 2-core box).
@@ -91,25 +95,3 @@ def test_dpo_from_the_form_draws_reward_curves_stops_and_chats(browser, tmp_path
         proc.terminate()
         proc.wait(30)
 
-
-def test_the_data_panel_reads_the_file_again_when_method_changes(browser, tmp_path, tiny_model_dir):
-    """Upload first, pick Method after: the panel follows the method (it used to keep the SFT reading)."""
-    pairs = tmp_path / "pairs.jsonl"
-    with open(ROOT / "presets" / "data" / "pirate-preferences.jsonl") as f:
-        pairs.write_text("".join(next(f) for _ in range(12)))
-    proc, url = start_app(tmp_path, tiny_model_dir)
-    try:
-        page = open_app(browser.new_page(viewport=VIEWPORT), url)
-        use_tiny_model(page, tmp_path / "models")
-        upload(page, pairs)  # Method is still sft: the pairs are shown with the note naming the methods
-        page.wait_for_selector("#data-summary:has-text('method dpo or orpo')", timeout=60_000)
-        page.get_by_role("tab", name="Train").click()
-        page.get_by_label("Method").click()
-        page.get_by_role("option", name="dpo", exact=True).click()
-        page.get_by_role("tab", name="Model & Data").click()
-        page.wait_for_selector("text=Chosen (preferred)", timeout=60_000)
-        summary = page.locator("#data-summary").inner_text()
-        assert "preference (standard)" in summary and "12 kept" in summary and "method dpo or orpo" not in summary
-    finally:
-        proc.terminate()
-        proc.wait(30)

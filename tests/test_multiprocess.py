@@ -21,7 +21,19 @@ from qlora_ui.runs import RunDir
 from qlora_ui.studio import Studio
 from qlora_ui.training import TrainingJob
 from qlora_ui.ui.tabs import train as train_tab
-from tests.fault_helpers import FORM, ROOT, ByName, cli, cli_start, fast_cfg, form_input, run_dirs, wait_for, write_rows
+from tests.fault_helpers import (
+    FORM,
+    ROOT,
+    ByName,
+    cli,
+    cli_start,
+    fast_cfg,
+    form_input,
+    run_dirs,
+    terminal_signals,
+    wait_for,
+    write_rows,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -62,19 +74,10 @@ def spied_env(tmp: Path) -> tuple[dict, Path]:
     return {**os.environ, "PYTHONPATH": str(tmp / "spy"), "QLORA_SPY": str(log), "QLORA_SPY_ROOT": str(ROOT)}, log
 
 
-def _terminal_signals() -> None:
-    """In the child before exec: Ctrl-C handled as a terminal would deliver it. Twice in the full suite (never
-    alone) the CLI did not act on the Ctrl-C and trained all 2,000 steps. A child inherits its parent thread's
-    signal mask and an ignored SIGINT, and libraries in the test process change both around their own spawns
-    (multiprocess's resource tracker blocks SIGINT per thread), so the child starts from the defaults."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def start(*args) -> subprocess.Popen:
     # Its own session so that a signal reaches only this CLI (the launcher has its own session too).
     return cli_start("train", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                     start_new_session=True, preexec_fn=_terminal_signals)
+                     start_new_session=True, preexec_fn=terminal_signals)
 
 
 def start_long_run(model: Path, data: Path, runs: Path, save_steps: int) -> subprocess.Popen:
