@@ -140,22 +140,28 @@ def terminal_signals() -> None:
 def start_app(tmp: Path, model_dir: Path | None, *extra: str, env_extra: dict | None = None):
     """`python app.py` on a free port, runs under tmp/runs, `model_dir` copied to tmp/models/tiny; (proc, url)
     once it answers."""
-    port = free_port()
     models = tmp / "models"
     models.mkdir(exist_ok=True)
     if model_dir is not None and not (models / "tiny").exists():
         shutil.copytree(model_dir, models / "tiny")
+    return launch_app(tmp, "--runs-dir", str(tmp / "runs"), "--model-root", str(models), *extra, env_extra=env_extra)
+
+
+def launch_app(log_dir: Path, *flags: str, cwd: Path = ROOT, env_extra: dict | None = None):
+    """`python app.py FLAGS` on a free port, started from `cwd`, its output in log_dir/app-PORT.log; (proc, url)
+    once it answers."""
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
            **(env_extra or {})}
-    log = open(tmp / f"app-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(tmp / "runs"),
-                             "--model-root", str(models), *extra], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=terminal_signals)
+    log_path = log_dir / f"app-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags], cwd=cwd, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=terminal_signals)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {(tmp / f'app-{port}.log').read_text()[-2000:]}")
+            raise RuntimeError(f"app exited: {log_path.read_text()[-2000:]}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return proc, url

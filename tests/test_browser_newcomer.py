@@ -6,15 +6,11 @@ test_security.py's test_run_folder_shows_only_its_last_part_behind_a_login."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
-from tests.fault_helpers import ROOT, VIEWPORT, free_port, run_dirs, use_tiny_model
+from tests.fault_helpers import VIEWPORT, launch_app, run_dirs, use_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,22 +18,7 @@ pytestmark = pytest.mark.slow
 def start_app_in(folder, *flags: str):
     """`python app.py` started from `folder` (a person's own folder, not the repository), as `cd there && python
     .../app.py`: paths inside it are shown relative to it."""
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    log = open(folder / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *flags], cwd=folder, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, (folder / "app.log").read_text()[-2000:]
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("app did not start in 120 s")
+    return launch_app(folder, *flags, cwd=folder)
 
 
 def test_start_up_phase_and_step_0_of_n_show_then_the_folder_relative_to_the_start(browser, tmp_path,
