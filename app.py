@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from qlora_ui.decode_weights import FLAG_HELP, MODES
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # An upload request's multipart framing (boundaries, part headers) on top of its file: well under a kilobyte.
 UPLOAD_FRAMING_BYTES = 8 * 1024
@@ -78,11 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 32).")
     p.add_argument("--chat-max-batch", type=int, default=16, metavar="N",
                    help="Chat requests decoded together in one batch (default 16).")
-    p.add_argument("--chat-dequantize", choices=["auto", "on", "off"], default="auto",
-                   help="Chat decodes from its base's 4-bit weights dequantized once (2 bytes of RAM per weight; "
-                        "1.6x faster where bitsandbytes has no fused kernel): auto = on a CPU without AVX512-BF16 "
-                        "when the copy is at most 1 GiB and 10%% of the available RAM (default), on, or off. "
-                        "Training never uses it. See docs/performance.md.")
+    p.add_argument("--chat-dequantize", choices=list(MODES), default="auto", help=FLAG_HELP)
     return p.parse_args(argv)
 
 
@@ -227,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     from urllib.parse import urlsplit
 
     from qlora_ui.api import mount
+    from qlora_ui.ui.page_script import install_early_script
+    from qlora_ui.ui.progress_route import mount_progress
     from qlora_ui.webguard import AddressThrottle, LoginThrottle, ServedHosts, install_same_origin_guard
 
     hosts = ServedHosts(served_host_names(args))
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         # reach it), while the page already answered.
         # The OpenAI-compatible API on the same server (port, share link); its keys, not the login, open it.
         mount(app, studio, api_keys, exposed=shared)
+        mount_progress(app, studio)  # the Train tab's light progress channel
+        install_early_script(app)  # before the guard: the guard stays outermost
         install_same_origin_guard(app, hosts, login_throttle=per_address, max_upload_request=upload_request_cap)
         if args.upload_max_age > 0:
             from qlora_ui.ui.uploads import purging

@@ -1,12 +1,13 @@
 """What the app costs on top of the engine: start time, training step time with a browser watching, chat latency.
 
-    python bench/app_overhead.py            # ~6 minutes on 2 CPU cores; run it alone on the machine
-    python bench/app_overhead.py --steps 12 --no-browser
+    python bench/app_overhead.py            # ~10 minutes on 2 CPU cores (3 rounds); run it alone on the machine
+    python bench/app_overhead.py --steps 12 --repeat 1 --no-browser
 
 Three measurements, each against a baseline taken in the same invocation:
 1. app start: `python app.py` until `GET /` answers 200 (goal <= 5 s; the bundled model is already converted);
-2. training: median s/step of the cpu-quickstart preset run headless by the CLI, against the same run started from
-   the app with a Chromium page open on the Train tab (its 1.5 s poll redrawing the charts) — goal >= 0.97;
+2. training: median s/step of the cpu-quickstart preset in rounds of three runs: headless by the CLI, started from
+   the app with nobody watching, and started from a Chromium page on the Train tab that stays open to the end
+   (goal >= 0.97 against both: the page's cost alone, and against the CLI as the issue states it);
 3. chat: time to the first streamed update and generated tokens/s of a `chat` request over HTTP, against a bare
    `model.generate` on the same 4-bit model in this process — goals <= 1 s and >= 0.95x.
 """
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--no-browser", action="store_true", help="train from the app without a page watching")
+    p.add_argument("--no-browser", action="store_true", help="no Chromium page: only the CLI and the app unwatched")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="rounds of runs taken in turns: CLI, app unwatched, app watched by a page (default 3)")
     args = p.parse_args(argv)
     env = app_env(CUDA_VISIBLE_DEVICES="")
     from qlora_ui.config import load_preset
@@ -81,21 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     ensure_bundled_model()
     with tempfile.TemporaryDirectory(prefix="qlora-overhead-") as work:
         work = Path(work)
-        # 2. headless CLI baseline
-        cli_runs = work / "cli-runs"
-        subprocess.run([*CLI, "train", "--preset", "cpu-quickstart", "--max-steps", str(args.steps), "--runs-dir",
-                        str(cli_runs), "--quiet"], cwd=ROOT, env=env, check=True, capture_output=True)
-        cli_steps = step_times(next(cli_runs.iterdir()))
-        # 1. app start
-        app_runs = work / "app-runs"
-        with running_app(app_runs, env, stop_wait=30) as app:
-            client = QueueClient(app.url)
-            browser = pw = None
-            if not args.no_browser:
-                from playwright.sync_api import sync_playwright
+        # 2. training, taken in turns (--repeat rounds): a headless CLI run, a run started from the app with
+        # nobody watching, and one started from a Chromium page on the Train tab that watches it to the end. On this
+        # shared 2-core VM one pair moved by +-10% from one invocation to the next, hence the rounds; and the app
+        # with nobody watching is the page's own baseline (same process, same server), the CLI the issue's.
+        steps: dict[str, list[list[float]]] = {"cli": [], "app": [], "page": []}
 
-                pw = sync_playwright().start()
-                browser = launch_chromium(pw)
+        def cli_run(i: int) -> None:
+            runs = work / f"cli-runs-{i}"
+            subprocess.run([*CLI, "train", "--preset", "cpu-quickstart", "--max-steps", str(args.steps),
+                            "--runs-dir", str(runs), "--quiet"], cwd=ROOT, env=env, check=True, capture_output=True)
+            steps["cli"].append(step_times(next(runs.iterdir())))
+
+        def app_run(kind: str) -> None:
+            before = set(app_runs.iterdir()) if app_runs.exists() else set()
+            page = None
+            if kind == "page":
                 page = browser.new_page(viewport={"width": 1280, "height": 800})
                 page.goto(app.url)
                 page.get_by_role("tab", name="Train").click()
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             started_at = time.time()
             run = None
             while time.time() < deadline:
-                runs = [r for r in app_runs.iterdir() if (r / "status.json").is_file()] if app_runs.exists() else []
+                runs = [r for r in app_runs.iterdir() if r not in before and (r / "status.json").is_file()] \
+                    if app_runs.exists() else []
                 if not runs and time.time() - started_at > 120:
                     raise SystemExit("the app started no run in 120 s")
                 if runs:
@@ -117,7 +122,26 @@ def main(argv: list[str] | None = None) -> int:
                                                                                         "stopped"):
                         break
                 time.sleep(1)
-            app_steps = step_times(run)
+            steps[kind].append(step_times(run))
+            if page is not None:
+                time.sleep(3)  # the page draws the finished run
+                page.close()
+
+        # 1. app start
+        app_runs = work / "app-runs"
+        with running_app(app_runs, env, stop_wait=30) as app:
+            client = QueueClient(app.url)
+            browser = pw = None
+            if not args.no_browser:
+                from playwright.sync_api import sync_playwright
+
+                pw = sync_playwright().start()
+                browser = launch_chromium(pw)
+            for i in range(args.repeat):
+                cli_run(i)
+                app_run("app")
+                if browser is not None:
+                    app_run("page")
             if browser is not None:
                 browser.close()
                 pw.stop()
@@ -133,15 +157,24 @@ def main(argv: list[str] | None = None) -> int:
     n = len(tok(reply, add_special_tokens=False)["input_ids"])
     app_tps = n / total
     bare_first, bare_tps = bare_generate(max(n, 1))
-    cli_med, app_med = statistics.median(cli_steps[2:]), statistics.median(app_steps[2:])
-    watch = "with a browser on the Train tab" if not args.no_browser else "from the app, no browser"
+    # The first two steps of each run warm up; the medians pool the rest of every run of a kind.
+    med = {k: statistics.median([t for run in v for t in run[2:]]) for k, v in steps.items() if v}
+    for k, v in steps.items():
+        if v:
+            print(f"{k}: median s/step per run", ", ".join(f"{statistics.median(r[2:]):.2f}" for r in v))
     rows = [("app start to first HTTP 200", f"{started:.1f} s", "", "<= 5 s", started <= 5),
-            (f"s/step headless CLI vs {watch}", f"{cli_med:.2f} / {app_med:.2f}", f"{cli_med / app_med:.2f}x",
-             ">= 0.97", cli_med / app_med >= 0.97),
-            ("chat: first streamed update (HTTP) vs bare generate's first token", f"{first:.2f} / {bare_first:.2f} s",
-             "", "<= 1 s", first <= 1),
-            ("chat: tokens/s over HTTP vs bare generate", f"{app_tps:.1f} / {bare_tps:.1f}",
-             f"{app_tps / bare_tps:.2f}x", ">= 0.95x", app_tps / bare_tps >= 0.95)]
+            ("s/step headless CLI vs the app, nobody watching", f"{med['cli']:.2f} / {med['app']:.2f}",
+             f"{med['cli'] / med['app']:.2f}x", "", "")]
+    if "page" in med:
+        rows += [("s/step the app nobody watching vs a Chromium page on the Train tab",
+                  f"{med['app']:.2f} / {med['page']:.2f}", f"{med['app'] / med['page']:.2f}x", ">= 0.97",
+                  med["app"] / med["page"] >= 0.97),
+                 ("s/step headless CLI vs a Chromium page on the Train tab", f"{med['cli']:.2f} / {med['page']:.2f}",
+                  f"{med['cli'] / med['page']:.2f}x", ">= 0.97", med["cli"] / med["page"] >= 0.97)]
+    rows += [("chat: first streamed update (HTTP) vs bare generate's first token",
+              f"{first:.2f} / {bare_first:.2f} s", "", "<= 1 s", first <= 1),
+             ("chat: tokens/s over HTTP vs bare generate", f"{app_tps:.1f} / {bare_tps:.1f}",
+              f"{app_tps / bare_tps:.2f}x", ">= 0.95x", app_tps / bare_tps >= 0.95)]
     print(table(["measure", "value", "ratio", "goal", "met"], rows))
     return 0
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import RunConfig, add_cli_flags, apply_cli_flags, list_presets, load_preset
+from .decode_weights import FLAG_HELP, MODES
 from .errors import UserError
 
 USER_ERROR = 2
@@ -243,6 +244,7 @@ def add_serve_parser(sub) -> None:
                    help="Longest reply in tokens (default 256 with a non-local --host, else 1024).")
     p.add_argument("--chat-max-waiting", type=int, default=32, metavar="N")
     p.add_argument("--chat-max-batch", type=int, default=16, metavar="N")
+    p.add_argument("--chat-dequantize", choices=list(MODES), default="auto", help=FLAG_HELP)
     p.set_defaults(func=serve_main)
 
 
@@ -272,6 +274,7 @@ def serve_main(args) -> int:
     studio = Studio(args.runs_dir, model_roots=args.model_root or None,
                     chat_max_new_tokens=args.chat_max_new_tokens or (256 if exposed else None),
                     chat_max_waiting=args.chat_max_waiting, chat_max_batch=args.chat_max_batch)
+    studio.chat.dequantize = args.chat_dequantize  # read when the base loads, as in the app
     runs = [studio.open(r).name for r in args.run] if args.run else None
     targets = Models(studio, runs).all()
     adapters = [t for t in targets if t.adapter is not None]
@@ -283,6 +286,7 @@ def serve_main(args) -> int:
     print(f"loading {first.id} ...", file=sys.stderr, flush=True)
     studio.check_model(first.cfg.model)
     studio.chat.load(first.cfg, first.adapter)  # the first request should not wait for the base to load
+    print(f"chat base decodes from {studio.chat.decoding_from}", file=sys.stderr, flush=True)
     names = [args.host, *args.allowed_host] + ([socket.gethostname(), socket.getfqdn()] if exposed else [])
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1 serving: "
           f"{', '.join(t.id for t in targets)}", file=sys.stderr, flush=True)

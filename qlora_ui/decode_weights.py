@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "on", "off"]
 MODES: tuple[str, ...] = ("auto", "on", "off")
+# The flag's help, shared by the app (app.py) and `python -m qlora_ui serve` (cli.py).
+FLAG_HELP = ("Chat decodes from its base's 4-bit weights dequantized once (2 bytes of RAM per weight; 1.6x faster "
+             "where bitsandbytes has no fused kernel): auto = on a CPU without AVX512-BF16 when the copy is at most "
+             "1 GiB and 10%% of the available RAM (default), on, or off. Training never uses it. See "
+             "docs/performance.md.")
 MAX_BYTES = 1 << 30
 MAX_RAM_SHARE = 0.10
 

@@ -435,8 +435,10 @@ def test_serve_answers_headless_with_only_the_runs_named(served):
         port = s.getsockname()[1]
     tmp = served["tmp"]
     log = open(tmp / "serve.log", "w")
+    # With the dequantized chat copy on (the app's --chat-dequantize, here too): the same replies as the app's.
     proc = subprocess.Popen([sys.executable, "-m", "qlora_ui", "serve", "--run", served["run"], "--runs-dir",
-                             str(tmp / "runs"), "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             str(tmp / "runs"), "--port", str(port), "--chat-dequantize", "on"], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -453,6 +455,7 @@ def test_serve_answers_headless_with_only_the_runs_named(served):
         assert ask(c, served["run"], max_tokens=16).choices[0].message.content == \
             ask(client(served["url"]), served["run"], max_tokens=16).choices[0].message.content
         assert httpx.get(f"{url}/", timeout=5).status_code == 404  # no page
+        assert "chat base decodes from dequantized" in (tmp / "serve.log").read_text()
     finally:
         proc.terminate()
         proc.wait(30)

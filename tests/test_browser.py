@@ -62,15 +62,34 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
     # Train: a short run; the loss chart gains points while it runs.
     page.get_by_role("tab", name="Train").click()
     start_training(page, 3000)  # long enough to still be running at the second Start and the reload (Stop ends it)
+    # Meanwhile, what a watching page costs the run (bench/app_overhead.py): the progress line moves through the
+    # small JSON route every 3 s, and Gradio events (each costs the page 0.1-0.2 s of CPU) come about once per
+    # CHART_EVERY_S (10 s, on the 3 s ticks: 12 s). The old 3 s gr.Timer sent one per tick.
+    seen = {"progress": 0, "events": 0}
+
+    def count(request):
+        if "qs/train-progress" in request.url:
+            seen["progress"] += 1
+        elif "/queue/join" in request.url:
+            seen["events"] += 1
+
+    page.on("request", count)
+    watched_from, steps = time.time(), set()
     deadline = time.time() + 120
     while plot_points(page) < 3 and time.time() < deadline:
+        steps.add(page.locator("#train-progress .qs-progress").get_attribute("data-step"))
         time.sleep(0.5)
     first = plot_points(page)
     assert first >= 3
     deadline = time.time() + 60
-    while plot_points(page) <= first and time.time() < deadline:
+    while (plot_points(page) <= first or time.time() - watched_from < 15) and time.time() < deadline:
+        steps.add(page.locator("#train-progress .qs-progress").get_attribute("data-step"))
         time.sleep(0.5)
     assert plot_points(page) > first, "the live chart stopped gaining points"
+    page.remove_listener("request", count)
+    watched = time.time() - watched_from
+    assert seen["progress"] >= watched / 3 - 2 and len(steps) >= 3, (seen, steps, watched)
+    assert seen["events"] <= watched / 10 + 1, (seen, watched)
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     # A second Start while running is refused with a message, not a second job.
@@ -88,6 +107,11 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
 
     page.get_by_role("button", name="Stop").click()
     page.wait_for_selector("#train-progress [data-state=stopped]", timeout=90_000)
+    # An idle page asks for few animation frames (page_script.py): Gradio's status-tracker loop ran at 60 a second.
+    time.sleep(1)
+    frames = page.evaluate("window.__qsFrames")
+    time.sleep(3)
+    assert page.evaluate("window.__qsFrames") - frames < 30
     runs = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
     assert len(runs) == 1 and (runs[0] / "adapter" / "adapter_model.safetensors").is_file()
 

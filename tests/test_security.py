@@ -140,6 +140,7 @@ def test_without_a_login_nothing_is_reachable(secured):
     anon = httpx.Client(base_url=url, timeout=30)
     for method, path in [("GET", "/config"), ("GET", "/gradio_api/info"), ("POST", "/gradio_api/call/list_runs"),
                          ("POST", "/gradio_api/upload"), ("POST", "/gradio_api/queue/join"),
+                         ("GET", "/qs/train-progress"),
                          ("GET", f"/gradio_api/file={ROOT / 'presets' / 'data' / 'pirate_chat.jsonl'}")]:
         r = anon.request(method, path, json={"data": []} if method == "POST" else None)
         assert r.status_code == 401, (path, r.status_code, r.text[:200])
@@ -147,6 +148,20 @@ def test_without_a_login_nothing_is_reachable(secured):
         Client(url, verbose=False)
     with pytest.raises(ValueError, match="Could not login"):
         Client(url, auth=(AUTH[0], "wrong"), verbose=False)
+
+
+@pytest.mark.slow
+def test_the_light_progress_route_and_the_early_script_behind_a_login(secured):
+    """The Train tab's JSON progress answers a signed-in page (and only it: see the test above), and the page
+    itself carries the early script as the first thing in its <head>, where Gradio's `head=` could not put it."""
+    c = logged_in(secured["url"])
+    r = c.get("/qs/train-progress")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store", r.text[:200]
+    body = r.json()
+    assert set(body) == {"key"} or set(body) == {"key", "progress", "log", "running"}, body
+    page = c.get("/").text
+    head = page[page.index("<head"):]
+    assert head[head.index(">") + 1:].lstrip().startswith("<script>") and "__qsTrackerTicks" in page
 
 
 @pytest.mark.slow
@@ -477,7 +492,8 @@ def test_a_foreign_origin_gets_no_credentialed_access(secured):
     pre = httpx.options(secured["url"] + "/gradio_api/call/list_runs", headers={
         **evil, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
     assert pre.status_code == 403 and "access-control-allow-origin" not in pre.headers, pre.headers
-    for method, path in [("POST", "/gradio_api/call/list_runs"), ("GET", "/config"), ("GET", "/gradio_api/info")]:
+    for method, path in [("POST", "/gradio_api/call/list_runs"), ("GET", "/config"), ("GET", "/gradio_api/info"),
+                         ("GET", "/qs/train-progress")]:
         r = httpx.request(method, secured["url"] + path, headers=evil, cookies=cookies,
                           json={"data": []} if method == "POST" else None)
         assert r.status_code == 403 and "access-control-allow-origin" not in r.headers, (path, r.status_code)

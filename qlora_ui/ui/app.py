@@ -53,6 +53,8 @@ CSS = """
   #runs-table td:nth-child(1) *, #runs-table .virtual-row > :nth-child(1) * { overflow-wrap: anywhere !important; }
 }
 .qs-msg { white-space: pre-wrap; margin-top: 6px; font-size: 13px; }
+/* Buttons the page's script presses (the Train tab's curves refresh), not a person. */
+.qs-hidden { display: none !important; }
 """
 
 # Runs once per page load (launch(js=...)).
@@ -76,8 +78,36 @@ JS = """
     last = log.value;
     log.scrollTop = log.scrollHeight;
   }, 500);
+  // The Train tab's progress (train.py): while the tab is shown, the progress line and the log come from a small
+  // JSON route; the curves and Stop are refreshed by a Gradio event only when the state changes, or every
+  // CHART_EVERY_S while rows arrive. A Gradio event per tick cost the page far more CPU than the JSON.
+  let key = null, state = null, dirty = false, asked = 0, busy = false;
+  setInterval(async () => {
+    const box = document.querySelector('#train-progress');
+    if (busy || document.hidden || !box || box.offsetParent === null) return;
+    busy = true;
+    try {
+      const r = await fetch('qs/train-progress', {credentials: 'same-origin', cache: 'no-store'});
+      if (!r.ok) return;
+      const v = await r.json();
+      if (!v.key) return;
+      const k = JSON.stringify(v.key), now = Date.now();
+      const first = key === null, turned = v.key[0] + '/' + v.key[2] !== state;
+      if (k !== key) {
+        const bar = box.querySelector('.qs-progress');
+        if (bar) bar.outerHTML = v.progress;
+        const log = document.querySelector('#train-log textarea');
+        if (log) log.value = v.log;
+        key = k; state = v.key[0] + '/' + v.key[2]; dirty = true;
+      }
+      if (dirty && (first || turned || now - asked >= CHART_MS)) {
+        const b = document.querySelector('#train-refresh');
+        if (b) { b.click(); asked = now; dirty = false; }
+      }
+    } catch (e) { /* the server restarting: the next tick asks again */ } finally { busy = false; }
+  }, POLL_MS);
 }
-"""
+""".replace("CHART_MS", str(int(train.CHART_EVERY_S * 1000))).replace("POLL_MS", str(int(train.POLL_EVERY_S * 1000)))
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -29,10 +30,10 @@ MEMORY_KEYS = ["base_model", "lora_r", "batch_size", "processes", "max_length", 
                "method"]
 BATCH_KEYS = ["batch_size", "grad_accum", "processes"]
 
-POLL_EVERY_S = 3.0  # the Train tab's progress/log/chart refresh (see the timer below for why not faster)
-# While a run trains, the charts are redrawn at most this often (the progress bar and log keep the 3 s tick):
-# on a 2-core machine the browser re-rendering four plotly charts every tick took CPU from the training itself
-# (steps ran at 0.66x the headless rate with one page watching; bench/app_overhead.py).
+POLL_EVERY_S = 3.0  # how often the page's script reads the progress line and the log (TRAIN_JS)
+# While a run trains, the charts are redrawn at most this often: on a 2-core machine the browser re-rendering four
+# plotly charts every tick took CPU from the training itself (steps ran at 0.66x the headless rate with one page
+# watching; bench/app_overhead.py).
 CHART_EVERY_S = 10.0
 
 
@@ -58,11 +59,13 @@ def fmt_seconds(s: float | None) -> str:
 
 
 def progress_html(state: str, step: int, total: int, elapsed: float | None, eta: float | None, run: str,
-                  message: str = "", age: float | None = None) -> str:
+                  message: str = "", age: float | None = None, loss: float | None = None) -> str:
     # How far behind the trainer this view is: seconds since the newest metrics row was written.
     fresh = f" · data {age:.1f} s old" if age is not None and state == "running" else ""
+    # The newest loss moves with every step here; the curves are redrawn less often (CHART_EVERY_S).
+    shown = f" · loss <b>{loss:.4g}</b>" if isinstance(loss, (int, float)) else ""
     head = (f'<div class="qs-progress-head"><b style="color:{state_colour(state)}">{html.escape(state)}</b> · '
-            f'{html.escape(run)} · step <b>{step}/{total or "?"}</b> · elapsed {fmt_seconds(elapsed)} · '
+            f'{html.escape(run)} · step <b>{step}/{total or "?"}</b>{shown} · elapsed {fmt_seconds(elapsed)} · '
             f'ETA {fmt_seconds(eta)}{fresh}</div>')
     return progress_bar(state, step / total if total else 0.0, head, message,
                         f' data-step="{step}" data-age="{age or 0:.2f}"')
@@ -187,22 +190,25 @@ def resume_training(studio: Studio, run_name: str | None, overrides: dict | None
     return progress_html("running", job.step, job.max_steps, None, None, job.run.name, "resuming…")
 
 
-def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
-    """Timer tick: progress, curves and log of the app's current (or last) job; unchanged parts are left out.
+@dataclass
+class JobView:
+    """What the Train tab shows of the app's current (or last) job, read from its run folder."""
 
-    `seen` is this session's (run, metrics rows, state, phase, rows drawn in the chart, when it was drawn)."""
-    from ...plots import training_figure
+    key: tuple  # (run, metrics rows, state, phase): a view with the same key shows the same thing
+    rows: list[dict]
+    progress: str  # the progress line's HTML
+    log: str
+    running: bool
 
+
+def job_view(studio: Studio) -> JobView | None:
     job = studio.job
     if job is None:
-        return gr.skip()
+        return None
     run = job.run
     rows = run.read_metrics()  # the run folder is the truth: a reload or a second browser sees the whole curve
     st = run.read_status()
     state = job.state if job.state in ("failed", "stopped", "finished") else st.get("state", job.state)
-    key = (run.name, len(rows), state, job.phase)
-    if seen is not None and tuple(seen[:4]) == key:
-        return gr.skip()
     last = next((r for r in reversed(rows) if "loss" in r), {})
     # The Trainer states max_steps only once it starts; a run with Max steps set knows it from the start ("step
     # 0/60" while the model loads, not "0/?"). With epochs, N waits for the Trainer (it depends on the data).
@@ -210,22 +216,48 @@ def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
     planned = cfg.training.max_steps if cfg is not None and cfg.training.max_steps > 0 else 0
     total = job.max_steps or st.get("max_steps") or planned
     msg = job.error_message if state == "failed" else (job.phase if state == "running" else st.get("message", ""))
+    age = time.time() - rows[-1]["time"] if rows and rows[-1].get("time") else None
+    progress = progress_html(state, max(job.step, last.get("step", 0)), total, last.get("elapsed_s"),
+                             last.get("eta_s"), run.name, msg, age, last.get("loss"))
+    return JobView((run.name, len(rows), state, job.phase), rows, progress, run.log_tail(), state == "running")
+
+
+def progress_json(studio: Studio) -> dict:
+    """The light progress channel (progress_route.py): what the page's script writes into the Train tab every
+    POLL_EVERY_S, without a Gradio event."""
+    view = job_view(studio)
+    if view is None:
+        return {"key": None}
+    return {"key": list(view.key), "progress": view.progress, "log": view.log, "running": view.running}
+
+
+def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
+    """The curves' refresh (the page's script presses it when the run changed; see REFRESH_JS): progress, curves,
+    log and Stop of the app's current (or last) job; unchanged parts are left out.
+
+    `seen` is this session's (run, metrics rows, state, phase, rows drawn in the chart, when it was drawn)."""
+    from ...plots import training_figure
+
+    view = job_view(studio)
+    if view is None:
+        return gr.skip()
+    run_name, rows, state = view.key[0], view.rows, view.key[2]
+    if seen is not None and tuple(seen[:4]) == view.key:
+        return gr.skip()
     now = time.time()
-    age = now - rows[-1]["time"] if rows and rows[-1].get("time") else None
-    out = {c["progress"]: progress_html(state, max(job.step, last.get("step", 0)), total, last.get("elapsed_s"),
-                                        last.get("eta_s"), run.name, msg, age),
-           c["log"]: run.log_tail(),
-           c["stop"]: gr.update(interactive=state == "running", variant="stop" if state == "running" else "secondary")}
-    drawn_rows, drawn_at = (seen[4], seen[5]) if seen is not None and len(seen) == 6 and seen[0] == run.name \
+    out = {c["progress"]: view.progress, c["log"]: view.log,
+           c["stop"]: gr.update(interactive=view.running, variant="stop" if view.running else "secondary")}
+    drawn_rows, drawn_at = (seen[4], seen[5]) if seen is not None and len(seen) == 6 and seen[0] == run_name \
         else (-1, 0.0)
-    # Redraw on a new session, a new run, a state change, or every CHART_EVERY_S while rows arrive.
+    # Redraw on a new session, a new run, a state change, or every CHART_EVERY_S while rows arrive (the page's
+    # script asks about that often; the margin keeps its request from landing just short of the limit).
     changed = len(rows) != drawn_rows
-    if rows and (drawn_rows < 0 or changed and (state != "running" or now - drawn_at >= CHART_EVERY_S)):
-        out[c["plot"]], drawn_rows, drawn_at = training_figure(rows, title=run.name), len(rows), now
+    if rows and (drawn_rows < 0 or changed and (state != "running" or now - drawn_at >= 0.7 * CHART_EVERY_S)):
+        out[c["plot"]], drawn_rows, drawn_at = training_figure(rows, title=run_name), len(rows), now
     elif not rows and drawn_rows < 0:
         # A new run still loading: the previous run's curves, under its name, must not stand in for it.
         out[c["plot"]], drawn_rows = None, 0
-    out[c["seen"]] = (*key, drawn_rows, drawn_at)
+    out[c["seen"]] = (*view.key, drawn_rows, drawn_at)
     return out
 
 
@@ -319,10 +351,12 @@ def build(studio: Studio, form: Form, preset: str | None) -> dict[str, Any]:
             gr.Markdown("### Will it fit?")
             c["memory"] = build_memory_panel()
     c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
-    # Every tick costs the page ~0.1-0.2 s of browser CPU, taken from training when both share the cores: with a
-    # page watching on 2 cores, steps ran at 0.77x the headless rate at a 1.5 s tick and 0.92x at 3 s
-    # (bench/app_overhead.py; 0.90x with no timer at all, so the rest is the open page itself).
-    c["timer"] = gr.Timer(POLL_EVERY_S)
+    # Pressed by the page's script (TRAIN_JS), never by a person: a Gradio event costs the page 0.1-0.2 s of CPU
+    # (Gradio 6.31 copies the state of every component that ever showed a loading status, twice an event), so
+    # the progress line and log come from a small JSON route every POLL_EVERY_S and only the curves and Stop
+    # take an event: when the state changes, and every CHART_EVERY_S while rows arrive. A gr.Timer ticking every
+    # 3 s cost a watching page 8% of the headless step rate on 2 cores (bench/app_overhead.py).
+    c["refresh"] = gr.Button("Refresh curves", elem_id="train-refresh", elem_classes=["qs-hidden"])
     c["seen"] = gr.State(None)  # per session: (run, rows, state) last drawn, to skip unchanged redraws
     return c
 
@@ -360,9 +394,9 @@ def wire(studio: Studio, form: Form, c: dict) -> None:
     batch = [form[k] for k in BATCH_KEYS]
     gr.on([b.change for b in batch], global_batch_text, batch, c["global_batch"], show_progress="hidden",
           api_name=False)
-    c["timer"].tick(lambda seen: poll_training(studio, c, seen), c["seen"],
-                    [c["progress"], c["plot"], c["log"], c["seen"], c["stop"]], show_progress="hidden",
-                    api_name=False)
+    c["refresh"].click(lambda seen: poll_training(studio, c, seen), c["seen"],
+                       [c["progress"], c["plot"], c["log"], c["seen"], c["stop"]], show_progress="hidden",
+                       api_name=False)
 
 
 def page_load(studio: Studio, form: Form, c: dict, demo: gr.Blocks, tabs: gr.Tabs) -> None:

@@ -1,0 +1,39 @@
+"""The Train tab's light progress channel: `GET qs/train-progress` answers the progress line, the log and the run's
+key as JSON, read by the page's script (TRAIN_JS in app.py) every few seconds instead of a Gradio event per tick.
+
+It answers only what the page itself shows, behind the same login (Gradio's session cookie) and, as every route,
+behind the same-origin guard (webguard.py)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ..studio import Studio
+from .tabs.train import progress_json
+
+
+def signed_in(gradio_app, request: Request) -> bool:
+    """Gradio's own test (its `login_check` route): no login configured, or the session cookie of a signed-in
+    user."""
+    if gradio_app.auth is None and gradio_app.auth_dependency is None:
+        return True
+    if gradio_app.auth_dependency is not None:
+        return gradio_app.auth_dependency(request) is not None
+    cid = gradio_app.cookie_id
+    token = request.cookies.get(f"access-token-{cid}") or request.cookies.get(f"access-token-unsecure-{cid}")
+    return gradio_app.tokens.get(token) is not None
+
+
+def mount_progress(gradio_app, studio: Studio) -> None:
+    """Put the route under /qs of the app Gradio built (from the app's lifespan start, as the /v1 API)."""
+    sub = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @sub.get("/train-progress")
+    def train_progress(request: Request):
+        if not signed_in(gradio_app, request):
+            return JSONResponse({"detail": "Not authenticated"}, status_code=401)
+        # Never cached: the page asks again in a few seconds and must see the newest line.
+        return JSONResponse(progress_json(studio), headers={"Cache-Control": "no-store"})
+
+    gradio_app.mount("/qs", sub)
