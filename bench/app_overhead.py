@@ -39,6 +39,21 @@ from common import (
 PROMPT = "Tell me about the sea."
 
 
+def chromium_cpu_s() -> float:
+    """CPU seconds used so far by every Chromium process on the machine (the bench's own browser)."""
+    import psutil
+
+    total = 0.0
+    for p in psutil.process_iter(["name"]):
+        if "chrom" in (p.info["name"] or ""):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
 def step_times(run: Path) -> list[float]:
     t = [r["time"] for r in read_metrics(run) if "loss" in r and "time" in r]
     return [b - a for a, b in zip(t, t[1:])]
@@ -89,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         # shared 2-core VM one pair moved by +-10% from one invocation to the next, hence the rounds; and the app
         # with nobody watching is the page's own baseline (same process, same server), the CLI the issue's.
         steps: dict[str, list[list[float]]] = {"cli": [], "app": [], "page": []}
+        cores: list[float] = []
 
         def cli_run(i: int) -> None:
             runs = work / f"cli-runs-{i}"
@@ -110,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 client.start_training(load_preset("cpu-quickstart").updated(max_steps=args.steps), PIRATE_DATA)
             deadline = time.time() + 1800
             started_at = time.time()
+            browser_cpu = chromium_cpu_s()
             run = None
             while time.time() < deadline:
                 runs = [r for r in app_runs.iterdir() if r not in before and (r / "status.json").is_file()] \
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
             steps[kind].append(step_times(run))
             if page is not None:
+                # What the page itself took, in cores, over the run: the step ratio is noisy, this is direct.
+                cores.append((chromium_cpu_s() - browser_cpu) / (time.time() - started_at))
                 time.sleep(3)  # the page draws the finished run
                 page.close()
 
@@ -159,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     bare_first, bare_tps = bare_generate(max(n, 1))
     # The first two steps of each run warm up; the medians pool the rest of every run of a kind.
     med = {k: statistics.median([t for run in v for t in run[2:]]) for k, v in steps.items() if v}
+    if cores:
+        print("Chromium during each watched run, in cores:", ", ".join(f"{c:.3f}" for c in cores))
     for k, v in steps.items():
         if v:
             print(f"{k}: median s/step per run", ", ".join(f"{statistics.median(r[2:]):.2f}" for r in v))
