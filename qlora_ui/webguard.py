@@ -403,26 +403,36 @@ class SameOriginGuard:
         """Gradio's login page (at / and at /gradio_api/runs) embeds the whole API description (every endpoint, its
         parameters and defaults, with server paths) for anyone who asks. Served to a visitor who has not signed
         in, it is cut out."""
-        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"])
-        start, chunks = None, []
 
-        async def collect(message):
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = b"".join(chunks)
+        def cut(body: bytes, headers: dict) -> bytes:
             if b'"auth_required":true' in body.replace(b" ", b""):
-                body = _API_INFO.sub(b"window.gradio_api_info = null;</script>", body)
-            headers = [(k, str(len(body)).encode() if k.lower() == b"content-length" else v)
-                       for k, v in start.get("headers", [])]
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+                return _API_INFO.sub(b"window.gradio_api_info = null;</script>", body)
+            return body
 
-        await self.app(scope, receive, collect)
+        await edited_response(self.app, scope, receive, send, cut)
+
+
+async def edited_response(app, scope, receive, send, edit) -> None:
+    """Run `app` for one request, asking for an uncompressed answer, and send `edit(body, headers)` in place of
+    the body it answered, with a content-length that fits (`headers`: the answer's, names in lower case). The
+    page rewrites use it: the login page without the API description (above), the early script (ui/page_script)."""
+    scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"])
+    start, chunks = None, []
+
+    async def collect(message):
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = edit(b"".join(chunks), {k.lower(): v for k, v in start.get("headers", [])})
+        await send({**start, "headers": [(k, str(len(body)).encode() if k.lower() == b"content-length" else v)
+                                         for k, v in start.get("headers", [])]})
+        await send({"type": "http.response.body", "body": body})
+
+    await app(scope, receive, collect)
 
 
 def install_same_origin_guard(app, allowed_hosts: ServedHosts | list[str] | tuple[str, ...] = (),

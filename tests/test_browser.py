@@ -108,7 +108,8 @@ def test_upload_train_reload_stop_chat_compare(browser, app):
     page.get_by_role("button", name="Stop").click()
     page.wait_for_selector("#train-progress [data-state=stopped]", timeout=90_000)
     # An idle page asks for few animation frames (page_script.py): Gradio's status-tracker loop ran at 60 a second.
-    time.sleep(0.5)
+    # First the page settles: the stopped state's refresh redraws the curves (plotly animates with frames).
+    time.sleep(3)
     frames = page.evaluate("window.__qsFrames")
     time.sleep(2)
     assert page.evaluate("window.__qsFrames") - frames < 20

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from ..webguard import edited_response
+
 # Gradio 6.31's status tracker counts a pending event's elapsed time in a requestAnimationFrame loop that ends only
 # when its status leaves "pending"; a tracker unmounted while pending (the page's own loading one) loops forever.
 # An idle page drew 60 frames a second, 5-7% of a CPU core with no event running, taken from training when the
@@ -46,27 +48,12 @@ class EarlyScript:
                 scope.get("path", "").rstrip("/") not in self.paths:
             await self.app(scope, receive, send)
             return
-        # Uncompressed, so the HTML can be edited.
-        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"])
-        start, chunks = None, []
+        await edited_response(self.app, scope, receive, send, self._with_script)
 
-        async def edit(message):
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = b"".join(chunks)
-            headers = dict((k.lower(), v) for k, v in start.get("headers", []))
-            if headers.get(b"content-type", b"").startswith(b"text/html") and b"content-encoding" not in headers:
-                body = _HEAD.sub(lambda m: m.group(0) + self.script, body, count=1)
-            await send({**start, "headers": [(k, str(len(body)).encode() if k.lower() == b"content-length" else v)
-                                             for k, v in start.get("headers", [])]})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, edit)
+    def _with_script(self, body: bytes, headers: dict) -> bytes:
+        if headers.get(b"content-type", b"").startswith(b"text/html") and b"content-encoding" not in headers:
+            return _HEAD.sub(lambda m: m.group(0) + self.script, body, count=1)
+        return body
 
 
 def install_early_script(app) -> None:
