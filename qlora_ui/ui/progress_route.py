@@ -1,5 +1,5 @@
 """The Train tab's light progress channel: `GET qs/train-progress` answers the progress line, the log and the run's
-key as JSON, read by the page's script (TRAIN_JS in app.py) every few seconds instead of a Gradio event per tick.
+key as JSON, read by the page's script (JS in ui/app.py) every few seconds instead of a Gradio event per tick.
 
 It answers only what the page itself shows, behind the same login (Gradio's session cookie) and, as every route,
 behind the same-origin guard (webguard.py)."""

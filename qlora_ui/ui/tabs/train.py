@@ -30,7 +30,7 @@ MEMORY_KEYS = ["base_model", "lora_r", "batch_size", "processes", "max_length", 
                "method"]
 BATCH_KEYS = ["batch_size", "grad_accum", "processes"]
 
-POLL_EVERY_S = 3.0  # how often the page's script reads the progress line and the log (TRAIN_JS)
+POLL_EVERY_S = 3.0  # how often the page's script reads the progress line and the log (JS in ui/app.py)
 # While a run trains, the charts are redrawn at most this often: on a 2-core machine the browser re-rendering four
 # plotly charts every tick took CPU from the training itself (steps ran at 0.66x the headless rate with one page
 # watching; bench/app_overhead.py).
@@ -232,7 +232,7 @@ def progress_json(studio: Studio) -> dict:
 
 
 def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
-    """The curves' refresh (the page's script presses it when the run changed; see REFRESH_JS): progress, curves,
+    """The curves' refresh (the page's script presses it when the run changed; JS in ui/app.py): progress, curves,
     log and Stop of the app's current (or last) job; unchanged parts are left out.
 
     `seen` is this session's (run, metrics rows, state, phase, rows drawn in the chart, when it was drawn)."""
@@ -351,7 +351,7 @@ def build(studio: Studio, form: Form, preset: str | None) -> dict[str, Any]:
             gr.Markdown("### Will it fit?")
             c["memory"] = build_memory_panel()
     c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
-    # Pressed by the page's script (TRAIN_JS), never by a person: a Gradio event costs the page 0.1-0.2 s of CPU
+    # Pressed by the page's script (ui/app.py JS), never by a person: a Gradio event costs the page 0.1-0.2 s of CPU
     # (Gradio 6.31 copies the state of every component that ever showed a loading status, twice an event), so
     # the progress line and log come from a small JSON route every POLL_EVERY_S and only the curves and Stop
     # take an event: when the state changes, and every CHART_EVERY_S while rows arrive. A gr.Timer ticking every
