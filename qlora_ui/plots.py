@@ -23,44 +23,60 @@ def is_preference(rows: list[dict[str, Any]]) -> bool:
     return any("reward_accuracy" in r or "reward_margin" in r for r in rows)
 
 
+# (metric key, trace name, subplot row, col, trace style) of a run's curves, in the order training_figure adds them.
+# curve_points reads the same list: the Train tab's page script extends the drawn traces by index.
+_PREFERENCE_SERIES = (
+    ("reward_chosen", "reward chosen", 3, 1, dict(mode="lines", line=dict(color=COLORS[2]))),
+    ("reward_rejected", "reward rejected", 3, 1, dict(mode="lines", line=dict(color=COLORS[1]))),
+    ("reward_margin", "reward margin", 3, 1, dict(mode="lines", line=dict(color=COLORS[3], dash="dot"))),
+    ("reward_accuracy", "reward accuracy", 3, 2, dict(mode="lines", line_color=COLORS[0], showlegend=False)),
+    ("eval_reward_accuracy", "eval reward accuracy", 3, 2,
+     dict(mode="lines+markers", marker_size=7, line=dict(color=COLORS[1], dash="dash"))),
+)
+_SERIES = (
+    ("loss", "train loss", 1, 1, dict(mode="lines+markers", marker_size=4, line_color=COLORS[0])),
+    ("eval_loss", "eval loss", 1, 1,
+     dict(mode="lines+markers", marker_size=7, line=dict(color=COLORS[1], dash="dash"))),
+    ("lr", "lr", 1, 2, dict(mode="lines", line_color=COLORS[2], showlegend=False)),
+    ("grad_norm", "grad norm", 2, 1, dict(mode="lines", line_color=COLORS[3], showlegend=False)),
+    ("tokens_per_s", "tokens/s", 2, 2, dict(mode="lines", line_color=COLORS[4], showlegend=False)),
+)
+
+
+def _series(pref: bool) -> tuple:
+    return (_PREFERENCE_SERIES if pref else ()) + _SERIES
+
+
 def training_figure(rows: list[dict[str, Any]], title: str = "") -> go.Figure:
     """Train/eval loss, learning rate, grad norm and tokens/s of one run, 2x2; a DPO / ORPO run gets a third row:
-    the rewards of the chosen and rejected answers with their margin, and the reward accuracy."""
+    the rewards of the chosen and rejected answers with their margin, and the reward accuracy.
+
+    `layout.meta` says what is drawn ({"title", "rows", "preference"}): the page's script extends the traces from
+    there (curve_points) instead of asking for the whole figure again."""
     pref = is_preference(rows)
     titles = ("Loss", "Learning rate", "Grad norm", "Tokens/s")
     fig = make_subplots(rows=3 if pref else 2, cols=2, vertical_spacing=0.11 if pref else 0.16,
                         horizontal_spacing=0.08,
                         subplot_titles=titles + (("Rewards (chosen, rejected, margin)", "Reward accuracy")
                                                  if pref else ()))
-    if pref:
-        for key, name, color, dash in (("reward_chosen", "chosen", COLORS[2], None),
-                                       ("reward_rejected", "rejected", COLORS[1], None),
-                                       ("reward_margin", "margin", COLORS[3], "dot")):
-            x, y = _xy(rows, key)
-            fig.add_trace(go.Scatter(x=x, y=y, name=f"reward {name}", mode="lines",
-                                     line=dict(color=color, dash=dash)), 3, 1)
-        x, y = _xy(rows, "reward_accuracy")
-        fig.add_trace(go.Scatter(x=x, y=y, name="reward accuracy", mode="lines", line_color=COLORS[0],
-                                 showlegend=False), 3, 2)
-        x, y = _xy(rows, "eval_reward_accuracy")
-        fig.add_trace(go.Scatter(x=x, y=y, name="eval reward accuracy", mode="lines+markers", marker_size=7,
-                                 line=dict(color=COLORS[1], dash="dash")), 3, 2)
-        fig.update_yaxes(range=[-0.05, 1.05], row=3, col=2)
-    x, y = _xy(rows, "loss")
-    fig.add_trace(go.Scatter(x=x, y=y, name="train loss", mode="lines+markers", marker_size=4,
-                             line_color=COLORS[0]), 1, 1)
-    x, y = _xy(rows, "eval_loss")
-    fig.add_trace(go.Scatter(x=x, y=y, name="eval loss", mode="lines+markers", marker_size=7,
-                             line=dict(color=COLORS[1], dash="dash")), 1, 1)
-    for (key, name, r, c, color) in (("lr", "lr", 1, 2, COLORS[2]), ("grad_norm", "grad norm", 2, 1, COLORS[3]),
-                                     ("tokens_per_s", "tokens/s", 2, 2, COLORS[4])):
+    for key, name, r, c, style in _series(pref):
         x, y = _xy(rows, key)
-        fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines", line_color=color, showlegend=False), r, c)
+        fig.add_trace(go.Scatter(x=x, y=y, name=name, **style), r, c)
+    if pref:
+        fig.update_yaxes(range=[-0.05, 1.05], row=3, col=2)
     fig.update_xaxes(title_text="step", row=3 if pref else 2)
     fig.update_layout(height=760 if pref else 520, margin=dict(l=40, r=20, t=60 if title else 40, b=40),
-                      title=title or None,
+                      title=title or None, meta=dict(title=title, rows=len(rows), preference=pref),
                       legend=dict(orientation="h", y=1.12, x=0), template="plotly_white")
     return fig
+
+
+def curve_points(rows: list[dict[str, Any]], since: int) -> list[tuple[list, list]] | None:
+    """The points rows[since:] add to each trace of training_figure(rows[:since]), in its trace order; None when
+    that figure's traces are not this list's (a preference run's first reward row): the page redraws it whole."""
+    if not 0 < since <= len(rows) or is_preference(rows[:since]) != is_preference(rows):
+        return None
+    return [_xy(rows[since:], key) for key, *_ in _series(is_preference(rows))]
 
 
 def overlay_figure(runs: dict[str, list[dict[str, Any]]], title: str = "Loss by run") -> go.Figure:

@@ -158,10 +158,30 @@ def test_the_light_progress_route_and_the_early_script_behind_a_login(secured):
     r = c.get("/qs/train-progress")
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store", r.text[:200]
     body = r.json()
-    assert set(body) == {"key"} or set(body) == {"key", "progress", "log", "running"}, body
+    assert set(body) == {"key"} or set(body) == {"key", "progress", "log"}, body
+    assert c.get("/qs/train-progress", params={"run": "x", "since": "two"}).status_code == 422
     page = c.get("/").text
     head = page[page.index("<head"):]
     assert head[head.index(">") + 1:].lstrip().startswith("<script>") and "__qsTrackerTicks" in page
+
+
+def test_the_progress_route_asks_an_auth_dependency_as_gradio_does():
+    """Gradio awaits an async `auth_dependency`; a coroutine object is never None, so not awaiting it would let
+    everyone read the progress route."""
+    import asyncio
+    import types
+
+    from qlora_ui.ui.progress_route import signed_in
+
+    async def nobody(request):
+        return None
+
+    async def ada(request):
+        return "ada"
+
+    for dependency, expected in ((nobody, False), (ada, True), (lambda r: None, False), (lambda r: "ada", True)):
+        app = types.SimpleNamespace(auth=None, auth_dependency=dependency)
+        assert asyncio.run(signed_in(app, object())) is expected, dependency
 
 
 @pytest.mark.slow

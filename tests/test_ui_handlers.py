@@ -260,3 +260,39 @@ def test_after_a_restart_the_form_shows_the_interrupted_run_and_a_loading_run_hi
     assert "plot" in out and out["plot"] is None
     # ...once: the next tick with nothing new leaves it alone.
     assert out["seen"][4] == 0 and is_skip(train.poll_training(studio, C, out["seen"]))
+
+
+def test_the_progress_route_extends_the_drawn_chart_to_the_whole_figure(studio, tiny_model_dir):
+    """The page's script extends the chart it shows with progress_json's points (JS in ui/app.py): the extended
+    traces must be the whole figure's, trace by trace, for an SFT and for a preference run."""
+    import types
+
+    from qlora_ui.plots import training_figure
+    from qlora_ui.runs import create_run
+
+    run = create_run(tiny(tiny_model_dir, max_steps=30, name="grow").updated(runs_dir=str(studio.runs_dir)))
+    studio.job = types.SimpleNamespace(run=run, state="running", phase="training", step=0, max_steps=30,
+                                       error_message=None)
+    sft = [{"step": s, "loss": 3 - s / 10, "lr": 1e-4, "grad_norm": 1 + s, "tokens_per_s": 100 + s} for s in
+           range(1, 9)]
+    sft.insert(5, {"step": 5, "eval_loss": 2.5})
+    pref = [{**r, "reward_chosen": s / 3, "reward_rejected": -s, "reward_margin": s, "reward_accuracy": 0.5}
+            for s, r in enumerate(x for x in sft if "loss" in x)]
+    pref.insert(4, {"step": 4, "eval_loss": 2.6, "eval_reward_accuracy": 0.75})
+    for rows in (sft, pref):
+        run.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for since in (1, 3, 5, len(rows)):
+            drawn = training_figure(rows[:since], title=run.name)
+            assert drawn.layout.meta["rows"] == since and drawn.layout.meta["title"] == run.name
+            got = train.progress_json(studio, drawn=run.name, since=since)
+            assert got["curves"]["rows"] == len(rows)
+            whole = training_figure(rows, title=run.name)
+            assert len(got["curves"]["points"]) == len(drawn.data) == len(whole.data)
+            for old, (x, y), full in zip(drawn.data, got["curves"]["points"], whole.data):
+                assert list(old.x or ()) + x == list(full.x) and list(old.y or ()) + y == list(full.y), full.name
+        # Nothing to extend: another run's chart, no chart, or more rows than the run has (a changed file).
+        for drawn_as, since in (("other", 2), (run.name, None), (run.name, 0), (run.name, len(rows) + 1)):
+            assert "curves" not in train.progress_json(studio, drawn=drawn_as, since=since)
+    # A chart drawn before a run's first reward row has no reward traces: the page redraws it whole.
+    run.metrics_path.write_text(json.dumps(sft[0]) + "\n" + json.dumps(pref[1]) + "\n")
+    assert "curves" not in train.progress_json(studio, drawn=run.name, since=1)

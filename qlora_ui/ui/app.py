@@ -78,16 +78,25 @@ JS = """
     last = log.value;
     log.scrollTop = log.scrollHeight;
   }, 500);
-  // The Train tab's progress (train.py): while the tab is shown, the progress line and the log come from a small
-  // JSON route; the curves and Stop are refreshed by a Gradio event only when the state changes, or every
-  // CHART_EVERY_S while rows arrive. A Gradio event per tick cost the page far more CPU than the JSON.
+  // The Train tab's progress (train.py): while the tab is shown, the progress line, the log and the chart's new
+  // points come from a small JSON route, and the script extends the drawn traces in place (plots.curve_points)
+  // every CHART_EVERY_S while rows arrive. The curves and Stop are refreshed by a Gradio event only when the run's
+  // state changes or the chart cannot be extended (none drawn yet, another run's). A Gradio event cost the page
+  // about 0.2 s of CPU and a whole-figure redraw 0.07 s; extending the traces costs 0.03 s.
   let key = null, state = null, dirty = false, asked = 0, busy = false;
+  const chart = () => {
+    const gd = document.querySelector('#train-plot .js-plotly-plot');
+    const meta = gd && gd.layout && gd.layout.meta;
+    return meta && typeof meta.rows === 'number' && window.Plotly ? {gd, meta} : null;
+  };
   setInterval(async () => {
     const box = document.querySelector('#train-progress');
     if (busy || document.hidden || !box || box.offsetParent === null) return;
     busy = true;
     try {
-      const r = await fetch('qs/train-progress', {credentials: 'same-origin', cache: 'no-store'});
+      const c = chart();
+      const q = c ? '?' + new URLSearchParams({run: c.meta.title, since: c.meta.rows}) : '';
+      const r = await fetch('qs/train-progress' + q, {credentials: 'same-origin', cache: 'no-store'});
       if (!r.ok) return;
       const v = await r.json();
       if (!v.key) return;
@@ -100,10 +109,19 @@ JS = """
         if (log) log.value = v.log;
         key = k; state = v.key[0] + '/' + v.key[2]; dirty = true;
       }
-      if (dirty && (first || turned || now - asked >= CHART_MS)) {
-        const b = document.querySelector('#train-refresh');
-        if (b) { b.click(); asked = now; dirty = false; }
+      if (!dirty || !(first || turned || now - asked >= CHART_MS)) return;
+      asked = now;
+      const p = v.curves && v.curves.points;
+      if (!first && !turned && c && p && p.length === c.gd.data.length) {
+        if (v.curves.rows > c.meta.rows) {
+          await window.Plotly.extendTraces(c.gd, {x: p.map(t => t[0]), y: p.map(t => t[1])}, p.map((t, i) => i));
+          c.meta.rows = v.curves.rows;
+        }
+        dirty = false;
+        return;
       }
+      const b = document.querySelector('#train-refresh');
+      if (b) { b.click(); dirty = false; }
     } catch (e) { /* the server restarting: the next tick asks again */ } finally { busy = false; }
   }, POLL_MS);
 }

@@ -31,9 +31,9 @@ MEMORY_KEYS = ["base_model", "lora_r", "batch_size", "processes", "max_length", 
 BATCH_KEYS = ["batch_size", "grad_accum", "processes"]
 
 POLL_EVERY_S = 3.0  # how often the page's script reads the progress line and the log (JS in ui/app.py)
-# While a run trains, the charts are redrawn at most this often: on a 2-core machine the browser re-rendering four
-# plotly charts every tick took CPU from the training itself (steps ran at 0.66x the headless rate with one page
-# watching; bench/app_overhead.py).
+# While a run trains, the charts take new points at most this often: on a 2-core machine the browser re-rendering
+# four plotly charts every tick took CPU from the training itself (steps ran at 0.66x the headless rate with one
+# page watching; bench/app_overhead.py).
 CHART_EVERY_S = 10.0
 
 
@@ -222,13 +222,21 @@ def job_view(studio: Studio) -> JobView | None:
     return JobView((run.name, len(rows), state, job.phase), rows, progress, run.log_tail(), state == "running")
 
 
-def progress_json(studio: Studio) -> dict:
+def progress_json(studio: Studio, drawn: str | None = None, since: int | None = None) -> dict:
     """The light progress channel (progress_route.py): what the page's script writes into the Train tab every
-    POLL_EVERY_S, without a Gradio event."""
+    POLL_EVERY_S, without a Gradio event. When the page's chart shows `since` rows of the run titled `drawn`
+    (training_figure's layout.meta), `curves` holds the points the newer rows add to each trace, and the script
+    extends the chart with them (a Gradio redraw of the whole figure cost the page about ten times more CPU)."""
+    from ...plots import curve_points
+
     view = job_view(studio)
     if view is None:
         return {"key": None}
-    return {"key": list(view.key), "progress": view.progress, "log": view.log, "running": view.running}
+    out = {"key": list(view.key), "progress": view.progress, "log": view.log}
+    points = curve_points(view.rows, since) if drawn == view.key[0] and since is not None else None
+    if points is not None:
+        out["curves"] = {"rows": len(view.rows), "points": points}
+    return out
 
 
 def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
@@ -249,8 +257,9 @@ def poll_training(studio: Studio, c: dict, seen: tuple | None) -> dict:
            c["stop"]: gr.update(interactive=view.running, variant="stop" if view.running else "secondary")}
     drawn_rows, drawn_at = (seen[4], seen[5]) if seen is not None and len(seen) == 6 and seen[0] == run_name \
         else (-1, 0.0)
-    # Redraw on a new session, a new run, a state change, or every CHART_EVERY_S while rows arrive (the page's
-    # script asks about that often; the margin keeps its request from landing just short of the limit).
+    # Redraw on a new session, a new run, a state change, or every CHART_EVERY_S while rows arrive and the page's
+    # script cannot extend the drawn traces itself (the margin keeps its request from landing just short of the
+    # limit).
     changed = len(rows) != drawn_rows
     if rows and (drawn_rows < 0 or changed and (state != "running" or now - drawn_at >= 0.7 * CHART_EVERY_S)):
         out[c["plot"]], drawn_rows, drawn_at = training_figure(rows, title=run_name), len(rows), now
@@ -353,9 +362,9 @@ def build(studio: Studio, form: Form, preset: str | None) -> dict[str, Any]:
     c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
     # Pressed by the page's script (ui/app.py JS), never by a person: a Gradio event costs the page 0.1-0.2 s of CPU
     # (Gradio 6.31 copies the state of every component that ever showed a loading status, twice an event), so
-    # the progress line and log come from a small JSON route every POLL_EVERY_S and only the curves and Stop
-    # take an event: when the state changes, and every CHART_EVERY_S while rows arrive. A gr.Timer ticking every
-    # 3 s cost a watching page 8% of the headless step rate on 2 cores (bench/app_overhead.py).
+    # the progress line, the log and the curves' new points come from a small JSON route every POLL_EVERY_S and
+    # only a state change (or a chart the script cannot extend) takes an event. A gr.Timer ticking every 3 s cost
+    # a watching page 8% of the headless step rate on 2 cores (bench/app_overhead.py).
     c["refresh"] = gr.Button("Refresh curves", elem_id="train-refresh", elem_classes=["qs-hidden"])
     c["seen"] = gr.State(None)  # per session: (run, rows, state) last drawn, to skip unchanged redraws
     return c
