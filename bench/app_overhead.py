@@ -72,6 +72,24 @@ def windowed_steps(run: Path, windows: list[tuple[str, float, float]],
     return out
 
 
+def settings_diff(configs: dict[str, Path]) -> dict[str, dict]:
+    """{setting: {kind: value}} of the settings (config.yaml, flattened) that differ between the kinds' runs,
+    except where the run lives and its name."""
+    import yaml
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    seen = {kind: flat(yaml.safe_load(p.read_text())) for kind, p in configs.items()}
+    keys = set().union(*seen.values())
+    return {k: {kind: v.get(k) for kind, v in seen.items()} for k in sorted(keys)
+            if len({json.dumps(v.get(k), default=str) for v in seen.values()}) > 1
+            and not k.endswith(("name", "runs_dir", "output_dir", "data_path"))}
+
+
 def tokens_seen(run: Path) -> int:
     return max([r.get("tokens_seen", 0) for r in read_metrics(run)], default=0)
 
@@ -131,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         # with nobody watching is the page's own baseline (same process, same server), the CLI the issue's.
         steps: dict[str, list[list[float]]] = {"cli": [], "app": [], "page": []}
         tokens: dict[str, list[int]] = {"cli": [], "app": [], "page": []}  # the same rows in every run?
+        configs: dict[str, Path] = {}
         cores: list[float] = []
 
         def cli_run(i: int) -> None:
@@ -139,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                             "--runs-dir", str(runs), "--quiet"], cwd=ROOT, env=env, check=True, capture_output=True)
             steps["cli"].append(step_times(next(runs.iterdir())))
             tokens["cli"].append(tokens_seen(next(runs.iterdir())))
+            configs["cli"] = next(runs.iterdir()) / "config.yaml"
 
         def app_run(kind: str) -> None:
             before = set(app_runs.iterdir()) if app_runs.exists() else set()
@@ -169,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
             steps[kind].append(step_times(run))
             tokens[kind].append(tokens_seen(run))
+            configs[kind] = run / "config.yaml"
             if page is not None:
                 # What the page itself took, in cores, over the run: the step ratio is noisy, this is direct.
                 cores.append((chromium_cpu_s() - browser_cpu) / (time.time() - started_at))
@@ -229,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 app_run("app")
                 if browser is not None:
                     app_run("page")
+            if len(configs) > 1:  # the runs of a round must train the same settings: any difference is printed
+                print("settings that differ between the rounds' runs:", settings_diff(configs) or "none")
             if browser is not None and args.alternate:
                 alternated = alternate_run()
             if browser is not None:
