@@ -113,12 +113,14 @@ JS = """
       asked = now;
       const p = v.curves && v.curves.points;
       if (!first && !turned && c && p && p.length === c.gd.data.length) {
-        if (v.curves.rows > c.meta.rows) {
-          await window.Plotly.extendTraces(c.gd, {x: p.map(t => t[0]), y: p.map(t => t[1])}, p.map((t, i) => i));
-          c.meta.rows = v.curves.rows;
-        }
-        dirty = false;
-        return;
+        try {
+          if (v.curves.rows > c.meta.rows) {
+            await window.Plotly.extendTraces(c.gd, {x: p.map(t => t[0]), y: p.map(t => t[1])}, p.map((t, i) => i));
+            c.meta.rows = v.curves.rows;
+          }
+          dirty = false;
+          return;
+        } catch (e) { /* a chart plotly cannot extend: Gradio redraws it whole, below */ }
       }
       const b = document.querySelector('#train-refresh');
       if (b) { b.click(); dirty = false; }
