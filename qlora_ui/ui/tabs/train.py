@@ -226,7 +226,8 @@ def progress_json(studio: Studio, drawn: str | None = None, since: int | None = 
     """The light progress channel (progress_route.py): what the page's script writes into the Train tab every
     POLL_EVERY_S, without a Gradio event. When the page's chart shows `since` rows of the run titled `drawn`
     (training_figure's layout.meta), `curves` holds the points the newer rows add to each trace, and the script
-    extends the chart with them (a Gradio redraw of the whole figure cost the page about ten times more CPU)."""
+    extends the chart with them (an event and a whole-figure redraw cost the page 6-10x the CPU;
+    bench/chart_update.py)."""
     from ...plots import curve_points
 
     view = job_view(studio)
