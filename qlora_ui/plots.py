@@ -51,8 +51,8 @@ def training_figure(rows: list[dict[str, Any]], title: str = "") -> go.Figure:
     """Train/eval loss, learning rate, grad norm and tokens/s of one run, 2x2; a DPO / ORPO run gets a third row:
     the rewards of the chosen and rejected answers with their margin, and the reward accuracy.
 
-    `layout.meta` says what is drawn ({"title", "rows", "preference"}): the page's script extends the traces from
-    there (curve_points) instead of asking for the whole figure again."""
+    `layout.meta` says what is drawn ({"title", "rows"}): the page's script extends the traces from there
+    (curve_points) instead of asking for the whole figure again."""
     pref = is_preference(rows)
     titles = ("Loss", "Learning rate", "Grad norm", "Tokens/s")
     fig = make_subplots(rows=3 if pref else 2, cols=2, vertical_spacing=0.11 if pref else 0.16,
@@ -66,7 +66,7 @@ def training_figure(rows: list[dict[str, Any]], title: str = "") -> go.Figure:
         fig.update_yaxes(range=[-0.05, 1.05], row=3, col=2)
     fig.update_xaxes(title_text="step", row=3 if pref else 2)
     fig.update_layout(height=760 if pref else 520, margin=dict(l=40, r=20, t=60 if title else 40, b=40),
-                      title=title or None, meta=dict(title=title, rows=len(rows), preference=pref),
+                      title=title or None, meta=dict(title=title, rows=len(rows)),
                       legend=dict(orientation="h", y=1.12, x=0), template="none", plot_bgcolor="white")
     # No template: plotly.js re-applies one on every update, and plotly_white doubled the cost of each of the live
     # chart's updates in Chromium (bench/chart_update.py); plotly.js's own defaults are as light.
@@ -78,9 +78,10 @@ def training_figure(rows: list[dict[str, Any]], title: str = "") -> go.Figure:
 def curve_points(rows: list[dict[str, Any]], since: int) -> list[tuple[list, list]] | None:
     """The points rows[since:] add to each trace of training_figure(rows[:since]), in its trace order; None when
     that figure's traces are not this list's (a preference run's first reward row): the page redraws it whole."""
-    if not 0 < since <= len(rows) or is_preference(rows[:since]) != is_preference(rows):
+    pref = is_preference(rows)
+    if not 0 < since <= len(rows) or is_preference(rows[:since]) != pref:
         return None
-    return [_xy(rows[since:], key) for key, *_ in _series(is_preference(rows))]
+    return [_xy(rows[since:], key) for key, *_ in _series(pref)]
 
 
 def overlay_figure(runs: dict[str, list[dict[str, Any]]], title: str = "Loss by run") -> go.Figure:
