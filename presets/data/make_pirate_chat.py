@@ -33,7 +33,9 @@ def piratify(text: str) -> str:
     return f"Arr! {out} Yo-ho-ho!"
 
 
-def main() -> None:
+def corpus_pairs() -> list[tuple[str, str, str]]:
+    """(topic, question, answer) from chatterbot-corpus's English files: short pairs, in a seeded order, each
+    question once. make_pirate_preferences.py builds its rows from the same pairs."""
     import importlib.util
 
     spec = importlib.util.find_spec("chatterbot_corpus")
@@ -46,15 +48,18 @@ def main() -> None:
                 q, a = conv[0].strip(), conv[1].strip()
                 if 2 <= len(q) <= 200 and 2 <= len(a) <= 300:
                     pairs.append((f.stem, q, a))
-    rng = random.Random(0)
-    rng.shuffle(pairs)
-    seen, rows = set(), []
+    random.Random(0).shuffle(pairs)
+    seen, out = set(), []
     for topic, q, a in pairs:
-        if q.lower() in seen:
-            continue
-        seen.add(q.lower())
-        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": piratify(a)}],
-                     "topic": topic})
+        if q.lower() not in seen:
+            seen.add(q.lower())
+            out.append((topic, q, a))
+    return out
+
+
+def main() -> None:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": piratify(a)}],
+             "topic": topic} for topic, q, a in corpus_pairs()]
     out = Path(__file__).with_name("pirate_chat.jsonl")
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {len(rows)} conversations to {out}")
