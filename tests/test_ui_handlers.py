@@ -296,3 +296,37 @@ def test_the_progress_route_extends_the_drawn_chart_to_the_whole_figure(studio, 
     # A chart drawn before a run's first reward row has no reward traces: the page redraws it whole.
     run.metrics_path.write_text(json.dumps(sft[0]) + "\n" + json.dumps(pref[1]) + "\n")
     assert "curves" not in train.progress_json(studio, drawn=run.name, since=1)
+
+
+def test_each_way_to_pick_data_inspects_it_once(tmp_path):
+    """An upload, a file picked from the server list or the upload button, a Hub id entered, a column map entered,
+    a changed setting: each starts exactly one inspection, counting every step of its event chain. The file box's
+    upload once started two (one listener for every trigger, and the chain that first clears a typed Hub id): twice
+    the work on a big file, and two results racing to the data panel."""
+    from qlora_ui.ui.app import build_page
+
+    page = build_page(Studio(tmp_path / "runs"))
+    deps = page.demo.get_config_file()["dependencies"]
+    then = {}
+    for d in deps:
+        if d["trigger_after"] is not None:
+            then.setdefault(d["trigger_after"], []).append(d["id"])
+
+    def inspections(component, event: str) -> int:
+        todo = [d["id"] for d in deps if (component._id, event) in map(tuple, d["targets"])]
+        assert todo, (component, event)
+        n = 0
+        while todo:
+            i = todo.pop()
+            n += page.demo.fns[i].fn.__name__ == "inspect"
+            todo += then.get(i, [])
+        return n
+
+    md, form = page.model_data, page.form
+    assert inspections(form["data_path"], "upload") == 1
+    assert inspections(form["data_path"], "clear") == 1
+    assert inspections(md["data_upload"], "upload") == 1
+    assert inspections(md["data_server"], "change") == 1
+    assert inspections(form.source_box, "submit") == 1
+    assert inspections(form["column_map"], "submit") == 1
+    assert inspections(form["max_length"], "change") == 1

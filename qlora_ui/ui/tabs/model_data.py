@@ -316,7 +316,9 @@ def wire(studio: Studio, form: Form, c: dict) -> None:
     live = dict(fn=inspect, inputs=form.inputs, outputs=outputs(c), show_progress="minimal",
                 concurrency_limit=INSPECT_LANES, concurrency_id="inspect", trigger_mode="always_last")
     file_box, column_map = form["data_path"], form["column_map"]
-    gr.on([file_box.upload, file_box.clear, column_map.blur, column_map.submit, *form.changes(*PREVIEW_KEYS)],
+    # (A file dropped on the file box is inspected below, once the typed source is cleared: listening here too
+    # inspected every upload twice, the first time as the typed source.)
+    gr.on([file_box.clear, column_map.blur, column_map.submit, *form.changes(*PREVIEW_KEYS)],
           **live, api_name="inspect_data")
     # The upload button and the --data-root list fill the file box; its change re-inspects, like an upload.
     name = dict(fn=name_from_upload, inputs=file_box, outputs=form["name"], api_name=False)
