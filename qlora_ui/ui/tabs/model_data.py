@@ -300,10 +300,10 @@ def outputs(c: dict) -> list:
 
 
 def wire(studio: Studio, form: Form, c: dict) -> None:
-    # One listener for every trigger, run one at a time with the latest values: a slow inspection
-    # started by an earlier change can never overwrite the result of a later upload.
-    # Each user (login, else browser session) has one inspection running and one waiting (Studio.inspection);
-    # more are refused at once. The lanes are shared by all users: two users' inspections run side by side, and
+    # Every way to pick data starts one inspection: one listener for the settings, the column map and a clear (run
+    # one at a time with the latest values), and one chain for each way a file arrives (below). Each user (login,
+    # else browser session) has one inspection running and one waiting (Studio.inspection), so a later one shows
+    # last; more are refused at once. The lanes are shared by all users: two users' inspections run side by side, and
     # one user's burst waits behind nobody else's file.
     def inspect(values: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         who = getattr(request, "username", None) or getattr(request, "session_hash", None)
@@ -316,11 +316,11 @@ def wire(studio: Studio, form: Form, c: dict) -> None:
     live = dict(fn=inspect, inputs=form.inputs, outputs=outputs(c), show_progress="minimal",
                 concurrency_limit=INSPECT_LANES, concurrency_id="inspect", trigger_mode="always_last")
     file_box, column_map = form["data_path"], form["column_map"]
-    # (A file dropped on the file box is inspected below, once the typed source is cleared: listening here too
-    # inspected every upload twice, the first time as the typed source.)
+    # (A file dropped on the file box is inspected by its chain below, once the typed source is cleared: listening
+    # here too inspected every upload twice.)
     gr.on([file_box.clear, column_map.blur, column_map.submit, *form.changes(*PREVIEW_KEYS)],
           **live, api_name="inspect_data")
-    # The upload button and the --data-root list fill the file box; its change re-inspects, like an upload.
+    # The upload button and the --data-root list fill the file box, then inspect it, like a dropped file.
     name = dict(fn=name_from_upload, inputs=file_box, outputs=form["name"], api_name=False)
     # An uploaded file replaces a typed Hub id or folder (the typed one would otherwise win).
     c["data_upload"].upload(lambda f: (f, ""), c["data_upload"], [file_box, form.source_box], api_name=False).then(
